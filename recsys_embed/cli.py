@@ -1,0 +1,52 @@
+"""``recsys-embed``: LightningCLI subcommands ``fit``/``validate``/``test`` over ``CTRTask`` + ``CTRDataModule``.
+
+Sizes that come from the data (cardinalities, number of dense features) are linked from the data module to the
+model, so a config never repeats them. ``fit --test_after_fit true`` also tests the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from recsys_embed.data import CTRDataModule
+from recsys_embed.training import CTRTask
+
+
+class RecsysCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.cardinalities", "model.cardinalities", apply_on="instantiate")
+        parser.link_arguments("data.num_dense", "model.num_dense", apply_on="instantiate")
+        parser.add_argument("--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint.")
+
+    def after_fit(self) -> None:
+        if self.config.fit.get("test_after_fit"):
+            ckpt = (
+                "best"
+                if self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path
+                else None
+            )
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def main(args: list[str] | None = None) -> None:
+    package_log = logging.getLogger("recsys_embed")
+    if not package_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
+    RecsysCLI(
+        CTRTask,
+        CTRDataModule,
+        args=args if args is not None else sys.argv[1:],
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"inference_mode": False},
+        parser_kwargs={"default_env": False},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Parquet -> (dense, ``KeyedJaggedTensor``, labels) batches with vectorized array code (no per-row Python).
+
+Every categorical column holds one id per row, so a batch's KJT is the columns stacked feature-major
+(``values = [cat_0 rows..., cat_1 rows..., ...]``) with all lengths 1, TorchRec's layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset
+from torchrec import KeyedJaggedTensor
+
+from recsys_embed.data.schema import CTRSchema
+
+
+@dataclass
+class Batch:
+    """One CTR batch: dense ``(B, D)`` float32, sparse KJT with one id per feature and row, labels ``(B,)``."""
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.dense.to(device, non_blocking=non_blocking),
+            self.sparse.to(torch.device(device), non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+        )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class ColumnBlock:
+    """Rows held as arrays: ids ``(F, R)`` int64, dense ``(R, D)`` float32, labels ``(R,)`` float32."""
+
+    ids: np.ndarray
+    dense: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: np.ndarray | slice) -> ColumnBlock:
+        return ColumnBlock(self.ids[:, index], self.dense[index], self.labels[index])
+
+    @staticmethod
+    def concat(blocks: list[ColumnBlock]) -> ColumnBlock:
+        return ColumnBlock(
+            np.concatenate([b.ids for b in blocks], axis=1),
+            np.concatenate([b.dense for b in blocks]),
+            np.concatenate([b.labels for b in blocks]),
+        )
+
+
+def block_from_arrow(table: pa.Table | pa.RecordBatch, schema: CTRSchema, where: str = "") -> ColumnBlock:
+    """Columns of an arrow table/batch as a :class:`ColumnBlock`; nulls raise a clear error."""
+    rows = table.num_rows
+
+    def column(name: str, dtype: type) -> np.ndarray:
+        col = table.column(name)
+        if col.null_count:
+            raise ValueError(
+                f"Column {name!r} in {where or 'the data'} has {col.null_count} null values; map missing values "
+                "to an id/number when preparing the data (the data scripts do)."
+            )
+        return np.array(col.to_numpy(), dtype=dtype)  # a writable copy
+
+    ids = np.empty((len(schema.sparse), rows), dtype=np.int64)
+    for i, name in enumerate(schema.sparse):
+        ids[i] = column(name, np.int64)
+    dense = np.empty((rows, len(schema.dense)), dtype=np.float32)
+    for j, name in enumerate(schema.dense):
+        dense[:, j] = column(name, np.float32)
+    return ColumnBlock(ids, dense, column(schema.label, np.float32))
+
+
+def batch_from_block(block: ColumnBlock, keys: list[str]) -> Batch:
+    """A :class:`Batch` with the KJT laid out feature-major (TorchRec's order)."""
+    features, rows = block.ids.shape
+    sparse = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.from_numpy(np.ascontiguousarray(block.ids).reshape(-1)),
+        lengths=torch.ones(features * rows, dtype=torch.int32),
+        stride=rows,
+    )
+    return Batch(torch.from_numpy(np.ascontiguousarray(block.dense)), sparse, torch.from_numpy(block.labels))
+
+
+class ParquetBatches(IterableDataset):
+    """Stream one split's parquet file as batches.
+
+    Row groups are read one at a time; with ``shuffle`` their order and the rows inside each are permuted with a
+    generator seeded by ``(seed, epoch)``. With ``world_size > 1`` each rank reads its own row groups
+    (``i % world_size == rank``). A leftover smaller than ``batch_size`` is carried into the next row group;
+    the final partial batch is kept unless ``drop_last``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        schema: CTRSchema,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive (got {batch_size}).")
+        self.path, self.schema, self.batch_size = Path(path), schema, batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.columns = [schema.label, *schema.dense, *schema.sparse]
+        missing = set(self.columns) - set(pq.read_schema(self.path).names)
+        if missing:
+            raise ValueError(f"{self.path} lacks columns {sorted(missing)} listed in its schema.json.")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        rows = pq.ParquetFile(self.path).metadata
+        mine = sum(rows.row_group(i).num_rows for i in self._row_groups(rows.num_row_groups))
+        return mine // self.batch_size if self.drop_last else -(-mine // self.batch_size)
+
+    def _row_groups(self, count: int) -> list[int]:
+        return [i for i in range(count) if i % self.world_size == self.rank]
+
+    def __iter__(self) -> Iterator[Batch]:
+        file = pq.ParquetFile(self.path)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        groups = self._row_groups(file.num_row_groups)
+        if self.shuffle:
+            groups = list(rng.permutation(groups))
+        carry: ColumnBlock | None = None
+        for g in groups:
+            block = block_from_arrow(file.read_row_group(g, columns=self.columns), self.schema, f"{self.path}")
+            if self.shuffle:
+                block = block.take(rng.permutation(len(block)))
+            if carry is not None:
+                block = ColumnBlock.concat([carry, block])
+            full = len(block) - len(block) % self.batch_size
+            for start in range(0, full, self.batch_size):
+                yield batch_from_block(block.take(slice(start, start + self.batch_size)), self.schema.sparse)
+            carry = block.take(slice(full, len(block))) if full < len(block) else None
+        if carry is not None and not self.drop_last:
+            yield batch_from_block(carry, self.schema.sparse)

@@ -1,0 +1,137 @@
+"""``hash``: the hashing trick, each large table folded onto ``rows`` hashed rows.
+
+Idea (Weinberger et al., ICML'09, "Feature hashing for large scale multitask learning"): id ``x`` of a table
+with ``n`` ids reads row ``h_t(x) mod m`` of a table of ``m = min(n, rows)`` rows, with a seeded per-table hash
+``h_t``. Tables with ``n <= rows`` keep one row per id (no hashing, no collision). With ``shared=True`` all
+features share one table of ``rows`` rows, each with its own seed (all dims must be equal).
+
+Memory: ``sum_t min(n_t, rows) * d_t * 4 + 8 * #features`` bytes (rows plus one int64 seed per feature), or
+``rows * d * 4 + 8 * #features`` when shared. The budget solver picks the largest ``rows`` that fits.
+
+Ids may be any int64 >= 0 (also above the declared cardinality): hashing wraps them by definition.
+
+Example::
+
+    emb = build_embedding("hash", tables, budget=Budget(ratio=10))
+    emb = build_embedding("hash", tables, rows=100_000, seed=1)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Literal
+
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+
+from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.hash_fn import hash_to_buckets
+from recsys_embed.methods.registry import register
+
+log = logging.getLogger(__name__)
+SEED_BYTES = 8
+
+
+@register("hash")
+class HashEmbedding(EmbeddingMethod):
+    """Hashing trick: ``min(n, rows)`` rows per table (or one shared table of ``rows`` rows)."""
+
+    accepts_any_id = True
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        *,
+        rows: int,
+        shared: bool = False,
+        hash: Literal["splitmix64", "identity"] = "splitmix64",
+        seed: int = 0,
+        validate_ids: bool = True,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(tables, validate_ids=validate_ids)
+        if rows < 1:
+            raise ValueError(f"Method 'hash' needs rows >= 1 (got {rows}).")
+        if hash not in ("splitmix64", "identity"):
+            raise ValueError(f"Method 'hash': unknown hash {hash!r}; use 'splitmix64' or 'identity'.")
+        self.rows, self.shared, self.hash_name = rows, shared, hash
+        if shared:
+            dims = {t.embedding_dim for t in self._tables}
+            if len(dims) > 1:
+                raise ValueError(
+                    f"Method 'hash' with shared=True needs one embedding_dim for all tables (got {sorted(dims)}); "
+                    "use shared=False or equal dims."
+                )
+            physical = [
+                EmbeddingBagConfig(
+                    name="shared", num_embeddings=rows, embedding_dim=dims.pop(), feature_names=self._feature_names
+                )
+            ]
+            buckets = [rows] * len(self._feature_names)
+            hashed = [True] * len(self._feature_names)
+        else:
+            physical = [replace(t, num_embeddings=min(t.num_embeddings, rows)) for t in self._tables]
+            per_table = {t.name: (min(t.num_embeddings, rows), t.num_embeddings > rows) for t in self._tables}
+            buckets = [per_table[self._table_of[f]][0] for f in self._feature_names]
+            hashed = [per_table[self._table_of[f]][1] for f in self._feature_names]
+        dev = torch.device(device or "cpu")
+        seeds = [seed * 1_000_003 + i for i in range(len(self._feature_names))]
+        self.register_buffer("seeds", torch.tensor(seeds, dtype=torch.int64, device=dev))
+        self.register_buffer("buckets", torch.tensor(buckets, dtype=torch.int64, device=dev), persistent=False)
+        self.register_buffer("hashed", torch.tensor(hashed, dtype=torch.bool, device=dev), persistent=False)
+        self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The KJT with every id replaced by its physical row."""
+        values = features.values()
+        lengths = torch.tensor(features.length_per_key(), device=values.device)
+        buckets = self.buckets.repeat_interleave(lengths, output_size=values.numel())
+        if self.hash_name == "identity":
+            rows = torch.remainder(values, buckets)
+        else:
+            seeds = self.seeds.repeat_interleave(lengths, output_size=values.numel())
+            hashed = self.hashed.repeat_interleave(lengths, output_size=values.numel())
+            rows = torch.where(hashed, hash_to_buckets(values, seeds, buckets), values)
+        return KeyedJaggedTensor(
+            keys=features.keys(), values=rows, lengths=features.lengths(), stride=features.stride()
+        )
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.tables(self.remap(self._keyed(features)))
+
+    def memory_bytes(self) -> int:
+        return self.rows_bytes(self._tables, self.rows, self.shared)
+
+    @staticmethod
+    def rows_bytes(tables: Sequence[EmbeddingBagConfig], rows: int, shared: bool) -> int:
+        """The memory formula for a given ``rows`` (used by the budget solver)."""
+        seeds = SEED_BYTES * sum(len(t.feature_names) for t in tables)
+        if shared:
+            return rows * tables[0].embedding_dim * FP32_BYTES + seeds
+        return sum(min(t.num_embeddings, rows) * t.embedding_dim * FP32_BYTES for t in tables) + seeds
+
+    @classmethod
+    def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> HashEmbedding:
+        tables = check_tables(tables)
+        if "rows" in options:
+            raise ValueError("Method 'hash': give either rows= or budget=, not both.")
+        shared = bool(options.get("shared", False))
+        allowed = budget.max_bytes(tables)
+        if cls.rows_bytes(tables, 1, shared) > allowed:
+            smallest = cls.rows_bytes(tables, 1, shared)
+            raise ValueError(
+                f"Method 'hash' cannot fit {allowed} bytes: one row per table already needs {smallest} bytes "
+                f"(ratio {full_bytes(tables) / smallest:.1f}). Ask for a budget of at least {smallest} bytes."
+            )
+        low, high = 1, max(t.num_embeddings for t in tables) * (len(tables) if shared else 1)
+        while low < high:  # largest rows whose bytes fit
+            mid = (low + high + 1) // 2
+            if cls.rows_bytes(tables, mid, shared) <= allowed:
+                low = mid
+            else:
+                high = mid - 1
+        method = cls(tables, rows=low, **options)  # type: ignore[arg-type]
+        log.info("hash: rows=%d reaches ratio %.2f (asked %s)", low, method.compression_ratio(), budget)
+        return method

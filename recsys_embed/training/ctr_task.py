@@ -1,0 +1,153 @@
+"""``CTRTask``: the LightningModule that trains any CTR model over any compression method.
+
+Loss is binary cross-entropy on logits; validation and test report AUC and log loss. Dense parameters are updated
+by the configured PyTorch optimizer; embedding rows are updated inside backward by the fused sparse optimizer of
+fbgemm's table-batched kernels (set by ``sparse_optimizer``, logged at start).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC
+from torchrec import EmbeddingBagConfig
+
+from recsys_embed.data.batches import Batch
+from recsys_embed.methods import (
+    Budget,
+    EmbeddingMethod,
+    SparseOptimizer,
+    build_embedding,
+    dense_parameters,
+    fuse_tables,
+)
+from recsys_embed.models import DLRM
+
+log = logging.getLogger(__name__)
+
+ModelFactory = Callable[[EmbeddingMethod, int], nn.Module]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass
+class EmbeddingSpec:
+    """Which compression method to build, and either its budget or its explicit options.
+
+    Example (YAML)::
+
+        embedding:
+          method: hash
+          budget: {ratio: 10}
+    """
+
+    method: str = "full"
+    budget: Budget | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def tables_for(cardinalities: dict[str, int], embedding_dim: int) -> list[EmbeddingBagConfig]:
+    """One logical table ``t_{feature}`` per categorical feature."""
+    return [
+        EmbeddingBagConfig(name=f"t_{name}", num_embeddings=n, embedding_dim=embedding_dim, feature_names=[name])
+        for name, n in cardinalities.items()
+    ]
+
+
+def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class CTRTask(pl.LightningModule):
+    """Binary CTR training of ``model(embedding, num_dense)``.
+
+    Args:
+        cardinalities: categorical feature -> number of ids (linked from the data module in the CLI).
+        num_dense: number of dense features (linked from the data module).
+        embedding_dim: dim of every logical table.
+        embedding: the compression method (registered name, budget or options).
+        model: a model class or factory called as ``model(embedding_module, num_dense)``.
+        sparse_optimizer: the optimizer fused into the embedding tables.
+        optimizer: factory of the dense optimizer.
+    """
+
+    def __init__(
+        self,
+        cardinalities: dict[str, int],
+        num_dense: int,
+        embedding_dim: int = 16,
+        embedding: EmbeddingSpec = EmbeddingSpec(),
+        model: ModelFactory = DLRM,
+        sparse_optimizer: SparseOptimizer = SparseOptimizer(),
+        optimizer: OptimizerFactory = default_optimizer,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer"])
+        self.tables = tables_for(cardinalities, embedding_dim)
+        self.embedding_spec = embedding
+        self.embedding = build_embedding(embedding.method, self.tables, budget=embedding.budget, **embedding.options)
+        self.net = model(self.embedding, num_dense)
+        self.sparse_optimizer = sparse_optimizer
+        self.optimizer_factory = optimizer
+        self.val_auc, self.test_auc = BinaryAUROC(), BinaryAUROC()
+        self.val_logloss, self.test_logloss = MeanMetric(), MeanMetric()
+        log.info(
+            "Embedding %r: %d bytes, ratio %.2f against full fp32 tables (%d bytes)",
+            embedding.method,
+            self.embedding.memory_bytes(),
+            self.embedding.compression_ratio(),
+            self.embedding.full_bytes(),
+        )
+
+    def configure_model(self) -> None:
+        if self._trainer is None:
+            return
+        loop = getattr(self.trainer, "_evaluation_loop", None)
+        if getattr(loop, "inference_mode", False):
+            raise ValueError(
+                "Fused embedding tables cannot run under torch.inference_mode (fbgemm has no CPU kernel for it): "
+                "create the Trainer with inference_mode=False (the recsys-embed CLI does)."
+            )
+        fuse_tables(self.net, self.sparse_optimizer, self.trainer.strategy.root_device)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.net(batch.dense, batch.sparse)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def _evaluate(self, batch: Batch, auc: BinaryAUROC, logloss: MeanMetric, stage: str) -> None:
+        logits = self(batch)
+        losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        auc.update(torch.sigmoid(logits), batch.labels.long())
+        logloss.update(losses)
+        self.log(f"{stage}/auc", auc, prog_bar=True, batch_size=len(batch))
+        self.log(f"{stage}/logloss", logloss, prog_bar=True, batch_size=len(batch))
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_auc, self.val_logloss, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_auc, self.test_logloss, "test")
+
+    def on_fit_start(self) -> None:
+        log.info("Sparse optimizer (fused in the tables): %s", asdict(self.sparse_optimizer))
+        for logger in self.loggers:
+            logger.log_hyperparams(
+                {
+                    "embedding/memory_bytes": self.embedding.memory_bytes(),
+                    "embedding/ratio": self.embedding.compression_ratio(),
+                }
+            )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(dense_parameters(self))
