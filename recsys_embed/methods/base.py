@@ -130,7 +130,16 @@ class EmbeddingMethod(nn.Module):
             return t.device
         return torch.device("cpu")
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:  # pragma: no cover - abstract
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Check the keys (and ids unless ``validate_ids=False``), then :meth:`lookup` in table order."""
+        features = self._keyed(features)
+        if features.stride() == 0:  # TorchRec's collections cannot split an empty batch
+            values = torch.zeros(0, sum(self._length_per_key), device=self.device)
+            return KeyedTensor(keys=self._feature_names, length_per_key=self._length_per_key, values=values)
+        return self.lookup(features)
+
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:  # pragma: no cover - abstract
+        """The method itself: a checked KJT (keys in table order) -> pooled ``KeyedTensor``."""
         raise NotImplementedError
 
     # ---- memory -----------------------------------------------------------------------------------------------

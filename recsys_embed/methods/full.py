@@ -41,8 +41,8 @@ class Full(EmbeddingMethod):
         super().__init__(tables, validate_ids=validate_ids)
         self.tables = EmbeddingBagCollection(tables=self._tables, device=torch.device(device or "cpu"))
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.tables(self._keyed(features))
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.tables(features)
 
     def memory_bytes(self) -> int:
         return full_bytes(self._tables)

@@ -1,6 +1,6 @@
 """Seeded, vectorized 64-bit id hashing, stable across processes, platforms and versions.
 
-The mixer is SplitMix64's finalizer (Steele, Lea & Flood, OOPSLA'14) on ``id + seed * golden``, written with int64
+The mixer is SplitMix64's finalizer (Steele, Lea & Flood, OOPSLA'14) on ``id + (seed + 1) * golden``, written with int64
 tensor arithmetic (wrapping multiply, logical shifts by masking), so ids up to 2^63 - 1 hash without overflow
 errors and the result does not depend on Python's ``hash()`` randomisation.
 """
@@ -29,8 +29,8 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def hash64(ids: torch.Tensor, seed: torch.Tensor | int) -> torch.Tensor:
-    """SplitMix64 of ``ids + seed * golden``: int64 in, int64 bit patterns out (any sign)."""
-    z = ids.to(torch.int64) + torch.as_tensor(seed, dtype=torch.int64, device=ids.device) * _GOLDEN
+    """SplitMix64 of ``ids + (seed + 1) * golden``: int64 in, int64 bit patterns out (any sign)."""
+    z = ids.to(torch.int64) + (torch.as_tensor(seed, dtype=torch.int64, device=ids.device) + 1) * _GOLDEN
     z = (z ^ _shift_right(z, 30)) * _MUL1
     z = (z ^ _shift_right(z, 27)) * _MUL2
     return z ^ _shift_right(z, 31)
@@ -44,7 +44,7 @@ def hash_to_buckets(ids: torch.Tensor, seed: torch.Tensor | int, buckets: torch.
 
 def reference_hash64(value: int, seed: int) -> int:
     """Pure-Python SplitMix64 (unsigned arithmetic), the definition the tensor version is tested against."""
-    z = (value + seed * 0x9E3779B97F4A7C15) & _MASK64
+    z = (value + (seed + 1) * 0x9E3779B97F4A7C15) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return _signed(z ^ (z >> 31))

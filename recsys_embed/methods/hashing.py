@@ -98,8 +98,8 @@ class HashEmbedding(EmbeddingMethod):
             keys=features.keys(), values=rows, lengths=features.lengths(), stride=features.stride()
         )
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.tables(self.remap(self._keyed(features)))
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.tables(self.remap(features))
 
     def memory_bytes(self) -> int:
         return self.rows_bytes(self._tables, self.rows, self.shared)

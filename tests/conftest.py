@@ -1,0 +1,56 @@
+"""Shared fixtures: small tables, KJTs and a tiny synthetic dataset (generated once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+
+from recsys_embed.data import SyntheticConfig, generate_synthetic
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TINY_SYNTHETIC = SyntheticConfig(
+    train_rows=6000, val_rows=1500, test_rows=1500, num_sparse=4, num_dense=3, max_cardinality=2000, seed=3
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generated data goes to a temporary cache, never to the user's home."""
+    monkeypatch.setenv("RECSYS_EMBED_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_synthetic")
+    generate_synthetic(folder, TINY_SYNTHETIC)
+    return folder
+
+
+def make_tables(cards: tuple[int, ...] = (7, 50, 3000), dim: int = 8) -> list[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=dim, feature_names=[f"f{i}"])
+        for i, n in enumerate(cards)
+    ]
+
+
+def random_kjt(
+    tables: list[EmbeddingBagConfig], batch: int, *, max_len: int = 3, seed: int = 0, allow_empty: bool = True
+) -> KeyedJaggedTensor:
+    """A KJT with 0..max_len ids per bag (feature-major), ids inside each table's range."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, values = [], []
+    for t in tables:
+        low = 0 if allow_empty else 1
+        lens = torch.randint(low, max_len + 1, (batch,), generator=g)
+        lengths.append(lens)
+        values.append(torch.randint(0, t.num_embeddings, (int(lens.sum()),), generator=g))
+    return KeyedJaggedTensor(
+        keys=[t.feature_names[0] for t in tables],
+        values=torch.cat(values),
+        lengths=torch.cat(lengths),
+        stride=batch,
+    )

@@ -1,0 +1,67 @@
+"""The ``recsys-embed`` CLI from the shipped YAML config: print_config, a few training steps, test from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recsys_embed.cli import main
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "experiments" / "ctr" / "synthetic_dlrm.yaml")
+TINY = [
+    "--data.synthetic.train_rows=3000",
+    "--data.synthetic.val_rows=1000",
+    "--data.synthetic.test_rows=1000",
+    "--data.synthetic.num_sparse=4",
+    "--data.synthetic.max_cardinality=1000",
+    "--data.batch_size=256",
+    "--data.eval_batch_size=1000",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+def test_print_config_shows_the_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", CONFIG, "--print_config"])
+    assert done.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["embedding"]["method"] == "full"
+    assert config["model"]["model"]["class_path"] == "recsys_embed.models.DLRM"
+    assert config["model"]["sparse_optimizer"]["name"] == "rowwise_adagrad"
+    assert "cardinalities" not in config["model"]  # linked from the data, never repeated in a config
+
+
+def test_fit_a_few_steps_then_test_from_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", CONFIG, *TINY, "--trainer.log_every_n_steps=2", "--test_after_fit=true"])
+    checkpoints = sorted(tmp_path.glob("runs/synthetic_dlrm/**/checkpoints/last.ckpt"))
+    assert len(checkpoints) == 1
+    metrics = sorted(tmp_path.glob("runs/synthetic_dlrm/lightning_logs/*/metrics.csv"))
+    header = metrics[0].read_text().splitlines()[0]
+    assert "train/loss" in header and "val/auc" in header and "test/auc" in header
+    assert list(tmp_path.glob("runs/synthetic_dlrm/lightning_logs/*/events.out.tfevents.*"))
+    main(["test", "--config", CONFIG, *TINY, f"--ckpt_path={checkpoints[0]}"])
+    main(["validate", "--config", CONFIG, *TINY, f"--ckpt_path={checkpoints[0]}"])
+
+
+def test_fit_with_a_compressed_method_and_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["--model.embedding.method=hash", "--model.embedding.budget.ratio=20", "--trainer.max_steps=2"]
+    main(["fit", "--config", CONFIG, *TINY, *args])
+    hparams = next(tmp_path.glob("runs/synthetic_dlrm/lightning_logs/*/hparams.yaml"))
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["embedding/ratio"] == pytest.approx(20, rel=0.1)
+
+
+def test_unknown_method_fails_with_the_registry_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="Unknown embedding method 'nope'"):
+        main(["fit", "--config", CONFIG, *TINY, "--model.embedding.method=nope"])
+
+
+def test_unknown_option_fails_listing_valid_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"no option\(s\) \['rowz'\]"):
+        main(["fit", "--config", CONFIG, *TINY, "--model.embedding.method=hash", "--model.embedding.options={rowz: 3}"])

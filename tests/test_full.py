@@ -1,0 +1,103 @@
+"""``full``: parity with TorchRec's EmbeddingBagCollection (plain and fused), id checks, fused training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+
+from recsys_embed.methods import SparseOptimizer, build_embedding, dense_parameters, fuse_tables
+from recsys_embed.methods.full import Full
+from tests.conftest import make_tables, random_kjt
+
+
+def _ebc_with_same_weights(emb: Full) -> EmbeddingBagCollection:
+    ebc = EmbeddingBagCollection(tables=emb.embedding_bag_configs())
+    ebc.load_state_dict({k.removeprefix("tables."): v for k, v in emb.state_dict().items()})
+    return ebc
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_parity_with_torchrec_ebc(fused: bool) -> None:
+    tables = make_tables()
+    emb = build_embedding("full", tables)
+    ebc = _ebc_with_same_weights(emb)
+    if fused:
+        assert fuse_tables(emb, SparseOptimizer()) == 1
+    kjt = random_kjt(tables, batch=9)
+    got, expected = emb(kjt), ebc(kjt)
+    assert got.keys() == expected.keys()
+    torch.testing.assert_close(got.values(), expected.values())
+
+
+def test_key_order_of_the_input_does_not_matter() -> None:
+    tables = make_tables()
+    emb = build_embedding("full", tables)
+    kjt = random_kjt(tables, batch=4)
+    reordered = kjt.permute([2, 0, 1])
+    torch.testing.assert_close(emb(reordered).values(), emb(kjt).values())
+
+
+def test_fused_step_updates_only_rows_that_were_read() -> None:
+    tables = make_tables((10,), dim=4)
+    emb = build_embedding("full", tables)
+    fuse_tables(emb, SparseOptimizer(name="sgd", lr=0.5))
+    before = emb.state_dict()["tables.embedding_bags.t0.weight"].clone()
+    kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([3, 3, 7]), lengths=torch.tensor([2, 1]))
+    emb(kjt).values().sum().backward()
+    after = emb.state_dict()["tables.embedding_bags.t0.weight"]
+    # d(sum)/d(row) = number of reads: row 3 read twice, row 7 once; SGD moves them by -lr * reads
+    torch.testing.assert_close(after[3], before[3] - 1.0)
+    torch.testing.assert_close(after[7], before[7] - 0.5)
+    untouched = [i for i in range(10) if i not in (3, 7)]
+    torch.testing.assert_close(after[untouched], before[untouched])
+
+
+def test_dense_parameters_leave_out_fused_tables() -> None:
+    emb = build_embedding("full", make_tables())
+    model = torch.nn.ModuleDict({"emb": emb, "head": torch.nn.Linear(3, 1)})
+    assert len(dense_parameters(model)) == 2 + 3  # plain tables are dense parameters until fused
+    fuse_tables(model, SparseOptimizer())
+    assert len(dense_parameters(model)) == 2
+
+
+def test_sparse_optimizer_errors() -> None:
+    with pytest.raises(ValueError, match="Unknown sparse optimizer"):
+        SparseOptimizer(name="adamw")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="positive"):
+        SparseOptimizer(lr=0)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        fuse_tables(build_embedding("full", make_tables()), SparseOptimizer(name="adam"))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([0, 7, 1], r"Feature 'f0' \(table 't0'\) has id 7 outside \[0, 7\)"),
+        ([0, -1, 1], r"Feature 'f0' \(table 't0'\) has negative id -1"),
+    ],
+)
+def test_ids_outside_the_table_are_errors(values: list[int], message: str) -> None:
+    emb = build_embedding("full", make_tables((7, 5), dim=2))
+    kjt = KeyedJaggedTensor(keys=["f0", "f1"], values=torch.tensor(values + [1]), lengths=torch.tensor([2, 1, 1, 0]))
+    with pytest.raises(ValueError, match=message):
+        emb(kjt)
+
+
+def test_validation_can_be_turned_off_for_speed() -> None:
+    emb = build_embedding("full", make_tables((7,), dim=2), validate_ids=False)
+    assert not emb.validate_ids
+
+
+def test_missing_feature_key_is_an_error() -> None:
+    emb = build_embedding("full", make_tables((7, 5), dim=2))
+    kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1]), lengths=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"lacks features \['f1'\]"):
+        emb(kjt)
+
+
+def test_float_ids_are_an_error() -> None:
+    emb = build_embedding("full", make_tables((7,), dim=2))
+    kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1.0]), lengths=torch.tensor([1]))
+    with pytest.raises(ValueError, match="int64"):
+        emb(kjt)

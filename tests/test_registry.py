@@ -1,0 +1,78 @@
+"""The registry: every method class registered, every name builds, bad names/options/budgets fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from recsys_embed.methods import Budget, EmbeddingMethod, available_methods, build_embedding, method_class
+from recsys_embed.methods.registry import register
+from tests.conftest import make_tables
+
+
+def _all_subclasses(cls: type) -> set[type]:
+    out = set()
+    for sub in cls.__subclasses__():
+        out |= {sub} | _all_subclasses(sub)
+    return out
+
+
+def test_every_method_class_is_registered() -> None:
+    registered = {method_class(n) for n in available_methods()}
+    library = {c for c in _all_subclasses(EmbeddingMethod) if c.__module__.startswith("recsys_embed.")}
+    assert library <= registered
+    assert {"full", "hash"} <= set(available_methods())
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_registered_name_builds_from_a_budget(name: str) -> None:
+    tables = make_tables()
+    ratio = 1 if name == "full" else 4
+    emb = build_embedding(name, tables, budget=Budget(ratio=ratio))
+    assert isinstance(emb, EmbeddingMethod)
+    assert emb.memory_bytes() <= Budget(ratio=ratio).max_bytes(tables)
+
+
+def test_unknown_method_lists_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"Unknown embedding method 'hsah'.*'hash'"):
+        build_embedding("hsah", make_tables())
+
+
+def test_unknown_option_lists_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"no option\(s\) \['row'\].*'rows'"):
+        build_embedding("hash", make_tables(), row=10)
+
+
+def test_full_cannot_compress() -> None:
+    with pytest.raises(ValueError, match="smallest reachable budget is ratio=1"):
+        build_embedding("full", make_tables(), budget=Budget(ratio=2))
+
+
+def test_budget_needs_exactly_one_of_ratio_or_bytes() -> None:
+    with pytest.raises(ValueError, match="exactly one of ratio= or bytes="):
+        Budget()
+    with pytest.raises(ValueError, match="exactly one"):
+        Budget(ratio=2, bytes=100)
+    with pytest.raises(ValueError, match=">= 1"):
+        Budget(ratio=0.5)
+    with pytest.raises(ValueError, match="positive"):
+        Budget(bytes=0)
+
+
+def test_budget_bytes_and_ratio() -> None:
+    tables = make_tables((100,), dim=4)  # 1600 bytes
+    assert Budget(ratio=4).max_bytes(tables) == 400
+    assert Budget(bytes=123).max_bytes(tables) == 123
+
+
+def test_name_registered_twice_is_an_error() -> None:
+    with pytest.raises(ValueError, match="registered twice"):
+        register("full")(type("Other", (EmbeddingMethod,), {}))
+
+
+def test_bad_tables_are_rejected() -> None:
+    tables = make_tables((10, 10))
+    tables[1].name = tables[0].name
+    with pytest.raises(ValueError, match="unique"):
+        build_embedding("full", tables)
+    with pytest.raises(ValueError, match="No tables"):
+        build_embedding("full", [])
