@@ -157,3 +157,11 @@ def test_datamodule_rejects_bad_settings(tmp_path: Path) -> None:
         CTRDataModule(data_dir=str(tmp_path), batch_size=0)
     with pytest.raises(ValueError, match="No schema.json"):
         CTRDataModule(data_dir=str(tmp_path))
+
+
+def test_dataloader_workers_split_the_rows_without_duplicates(tiny_dataset: Path) -> None:
+    schema = CTRSchema.load(tiny_dataset)
+    ds = ParquetBatches(schema.split_path(tiny_dataset, "train"), schema, batch_size=1000)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    labels_seen = sum(len(b) for b in loader)
+    assert labels_seen == TINY_SYNTHETIC.train_rows

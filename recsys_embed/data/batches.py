@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 from torchrec import KeyedJaggedTensor
 
 from recsys_embed.data.schema import CTRSchema
@@ -101,7 +101,7 @@ class ParquetBatches(IterableDataset):
 
     Row groups are read one at a time; with ``shuffle`` their order and the rows inside each are permuted with a
     generator seeded by ``(seed, epoch)``. With ``world_size > 1`` each rank reads its own row groups
-    (``i % world_size == rank``). A leftover smaller than ``batch_size`` is carried into the next row group;
+    (``i % world_size == rank``), and DataLoader workers of a rank split that rank's share again. A leftover smaller than ``batch_size`` is carried into the next row group;
     the final partial batch is kept unless ``drop_last``.
     """
 
@@ -138,7 +138,11 @@ class ParquetBatches(IterableDataset):
         return mine // self.batch_size if self.drop_last else -(-mine // self.batch_size)
 
     def _row_groups(self, count: int) -> list[int]:
-        return [i for i in range(count) if i % self.world_size == self.rank]
+        """This reader's row groups: split over ranks, then over DataLoader workers within a rank."""
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        shard, shards = self.rank * workers + worker_id, self.world_size * workers
+        return [i for i in range(count) if i % shards == shard]
 
     def __iter__(self) -> Iterator[Batch]:
         file = pq.ParquetFile(self.path)
