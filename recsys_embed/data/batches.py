@@ -101,8 +101,9 @@ class ParquetBatches(IterableDataset):
 
     Row groups are read one at a time; with ``shuffle`` their order and the rows inside each are permuted with a
     generator seeded by ``(seed, epoch)``. With ``world_size > 1`` each rank reads its own row groups
-    (``i % world_size == rank``), and DataLoader workers of a rank split that rank's share again. A leftover smaller than ``batch_size`` is carried into the next row group;
-    the final partial batch is kept unless ``drop_last``.
+    (``i % world_size == rank``), and DataLoader workers of a rank split that rank's share again. A leftover
+    smaller than ``batch_size`` is carried into the next row group; the final partial batch is kept unless
+    ``drop_last``.
     """
 
     def __init__(

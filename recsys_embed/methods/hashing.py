@@ -29,6 +29,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
+from recsys_embed.methods.remap import FanOut, largest_fitting, per_value
 
 log = logging.getLogger(__name__)
 SEED_BYTES = 8
@@ -82,21 +83,18 @@ class HashEmbedding(EmbeddingMethod):
         self.register_buffer("buckets", torch.tensor(buckets, dtype=torch.int64, device=dev), persistent=False)
         self.register_buffer("hashed", torch.tensor(hashed, dtype=torch.bool, device=dev), persistent=False)
         self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+        self.fan_out = FanOut(self._feature_names, [1] * len(self._feature_names))
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The KJT with every id replaced by its physical row."""
         values = features.values()
-        lengths = torch.tensor(features.length_per_key(), device=values.device)
-        buckets = self.buckets.repeat_interleave(lengths, output_size=values.numel())
+        buckets = per_value(self.buckets, features)
         if self.hash_name == "identity":
             rows = torch.remainder(values, buckets)
         else:
-            seeds = self.seeds.repeat_interleave(lengths, output_size=values.numel())
-            hashed = self.hashed.repeat_interleave(lengths, output_size=values.numel())
-            rows = torch.where(hashed, hash_to_buckets(values, seeds, buckets), values)
-        return KeyedJaggedTensor(
-            keys=features.keys(), values=rows, lengths=features.lengths(), stride=features.stride()
-        )
+            hashed = hash_to_buckets(values, per_value(self.seeds, features), buckets)
+            rows = torch.where(per_value(self.hashed, features), hashed, values)
+        return self.fan_out(features, rows.unsqueeze(0))
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self.tables(self.remap(features))
@@ -125,13 +123,8 @@ class HashEmbedding(EmbeddingMethod):
                 f"Method 'hash' cannot fit {allowed} bytes: one row per table already needs {smallest} bytes "
                 f"(ratio {full_bytes(tables) / smallest:.1f}). Ask for a budget of at least {smallest} bytes."
             )
-        low, high = 1, max(t.num_embeddings for t in tables) * (len(tables) if shared else 1)
-        while low < high:  # largest rows whose bytes fit
-            mid = (low + high + 1) // 2
-            if cls.rows_bytes(tables, mid, shared) <= allowed:
-                low = mid
-            else:
-                high = mid - 1
-        method = cls(tables, rows=low, **options)  # type: ignore[arg-type]
-        log.info("hash: rows=%d reaches ratio %.2f (asked %s)", low, method.compression_ratio(), budget)
+        most = max(t.num_embeddings for t in tables) * (len(tables) if shared else 1)
+        rows = largest_fitting(lambda r: cls.rows_bytes(tables, r, shared) <= allowed, 1, most)
+        method = cls(tables, rows=rows, **options)  # type: ignore[arg-type]
+        log.info("hash: rows=%d reaches ratio %.2f (asked %s)", rows, method.compression_ratio(), budget)
         return method

@@ -1,0 +1,120 @@
+"""``multi_hash``: ``k`` independently seeded hashes into ``m`` rows per table, summed.
+
+Idea (hash embeddings, Svenstrup et al., NeurIPS'17; spaCy/thinc ``HashEmbed`` use k = 4): id ``x`` reads rows
+``h_1(x), ..., h_k(x)`` of an ``m``-row table and sums them. Two ids share all ``k`` rows with probability about
+``m^-k``, so nearly every id keeps a distinct vector although rows are shared. Tables with ``n <= rows`` keep one
+row per id (no hashing). Implemented as ``k`` physical features per logical feature on one TorchRec table, so
+fbgemm pools the ``k`` rows of every bag and the combine is a reshape-sum.
+
+Memory: ``sum_t min(n_t, rows) * d_t * 4 + 8 * k * #features`` bytes (rows plus the int64 seeds). The budget
+solver picks the largest ``rows`` that fits. Initialisation divides the rows' range by ``sqrt(k)`` so a sum of
+``k`` rows has a full table's scale.
+
+Example::
+
+    emb = build_embedding("multi_hash", tables, budget=Budget(ratio=10), num_hashes=2)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+
+from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.hash_fn import hash_to_buckets
+from recsys_embed.methods.registry import register
+from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, per_value, sum_copies
+
+log = logging.getLogger(__name__)
+SEED_BYTES = 8
+
+
+@register("multi_hash")
+class MultiHashEmbedding(EmbeddingMethod):
+    """``k`` seeded hashes into ``min(n, rows)`` rows per table, the ``k`` rows summed."""
+
+    accepts_any_id = True
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        *,
+        rows: int,
+        num_hashes: int = 2,
+        seed: int = 0,
+        validate_ids: bool = True,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(tables, validate_ids=validate_ids)
+        if rows < 1 or num_hashes < 1:
+            raise ValueError(f"Method 'multi_hash' needs rows >= 1 and num_hashes >= 1 (got {rows}, {num_hashes}).")
+        self.rows, self.num_hashes = rows, num_hashes
+        dev = torch.device(device or "cpu")
+        hashed = [self._cardinality[f] > rows for f in self._feature_names]
+        self.copies = [num_hashes if h else 1 for h in hashed]
+        self.fan_out = FanOut(self._feature_names, self.copies)
+        keys = iter(self.fan_out.keys)
+        physical = []
+        for t in self._tables:
+            names = [next(keys) for f in t.feature_names for _ in range(self.copies[self._feature_names.index(f)])]
+            physical.append(replace(t, num_embeddings=min(t.num_embeddings, rows), feature_names=names))
+        self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+        seeds = torch.arange(len(self._feature_names) * num_hashes, dtype=torch.int64) + seed * 1_000_003
+        self.register_buffer("seeds", seeds.view(-1, num_hashes).to(dev))
+        self.register_buffer(
+            "buckets",
+            torch.tensor([min(self._cardinality[f], rows) for f in self._feature_names], device=dev),
+            persistent=False,
+        )
+        self.register_buffer("hashed", torch.tensor(hashed, device=dev), persistent=False)
+        with torch.no_grad():
+            for t, table in zip(self._tables, physical):
+                if t.num_embeddings > rows:
+                    bound = math.sqrt(1.0 / t.num_embeddings) / math.sqrt(num_hashes)
+                    self.tables.embedding_bags[table.name].weight.uniform_(-bound, bound)
+
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Physical KJT: ``k`` copies of every hashed feature (``f@0..f@{k-1}``), one for full tables."""
+        values = features.values()
+        seeds, buckets = per_value(self.seeds, features), per_value(self.buckets, features)
+        hashed = per_value(self.hashed, features)
+        rows = torch.stack(
+            [torch.where(hashed, hash_to_buckets(values, seeds[:, c], buckets), values) for c in range(self.num_hashes)]
+        )
+        return self.fan_out(features, rows)
+
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        pooled = self.tables(self.remap(features)).values()
+        return keyed(sum_copies(pooled, self._length_per_key, self.copies), self._feature_names, self._length_per_key)
+
+    def memory_bytes(self) -> int:
+        return self.rows_bytes(self._tables, self.rows, self.num_hashes)
+
+    @staticmethod
+    def rows_bytes(tables: Sequence[EmbeddingBagConfig], rows: int, num_hashes: int) -> int:
+        features = sum(len(t.feature_names) for t in tables)
+        table_bytes = sum(min(t.num_embeddings, rows) * t.embedding_dim * FP32_BYTES for t in tables)
+        return table_bytes + SEED_BYTES * num_hashes * features
+
+    @classmethod
+    def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> MultiHashEmbedding:
+        tables = check_tables(tables)
+        if "rows" in options:
+            raise ValueError("Method 'multi_hash': give either rows= or budget=, not both.")
+        k = int(options.get("num_hashes", 2))  # type: ignore[arg-type]
+        allowed, smallest = budget.max_bytes(tables), cls.rows_bytes(tables, k, k)
+        if smallest > allowed:
+            raise ValueError(
+                f"Method 'multi_hash' cannot fit {allowed} bytes: {k} rows per table (one per hash) already need "
+                f"{smallest} bytes (ratio {full_bytes(tables) / smallest:.1f}). Ask for at least {smallest} bytes."
+            )
+        most = max(t.num_embeddings for t in tables)
+        rows = largest_fitting(lambda r: cls.rows_bytes(tables, r, k) <= allowed, k, most)
+        method = cls(tables, rows=rows, **options)  # type: ignore[arg-type]
+        log.info("multi_hash: rows=%d, k=%d reaches ratio %.2f (asked %s)", rows, k, method.compression_ratio(), budget)
+        return method

@@ -1,0 +1,193 @@
+"""``qr``: compositional embeddings from complementary partitions (quotient-remainder and its k-way form).
+
+Idea (Shi et al., KDD'20, "Compositional Embeddings Using Complementary Partitions for Memory-Efficient
+Recommendation Systems"): write id ``x`` in mixed radix with base ``b``: partition ``c < k - 1`` reads row
+``(x // b^c) % b`` of its own small table, the last partition reads ``x // b^(k-1)``. For ``k = 2`` that is the
+remainder ``x % b`` and the quotient ``x // b`` (``b`` = the number of collisions per quotient row). The partitions
+are complementary, so every id keeps a unique combination and a unique embedding. The ``k`` vectors combine by
+``mult`` (elementwise product, the paper's default), ``add`` or ``concat`` (each partition ``d / k`` wide). As in
+the authors' DLRM ``QREmbeddingBag``, bags are pooled per partition before combining.
+
+All ``k`` partitions of a table are stacked in one TorchRec table (partition ``c`` at a row offset), read as ``k``
+physical features, so one fbgemm lookup serves all of them. Ids use int64 integer division, never floats.
+
+Memory: per table ``((k - 1) * b + ceil(n / b^(k-1))) * d' * 4`` bytes with ``d' = d`` (``d / k`` for concat).
+With ``b = 1`` a table degenerates to a full table plus ``k - 1`` constant rows (used for small tables). The budget
+solver caps rows per table and picks, per table, the smallest base that fits the cap.
+
+Initialisation keeps the combined vector at a full table's scale (uniform ``±sqrt(1/n)``): ``mult`` starts the
+non-quotient partitions at 1, ``add`` shrinks each partition by ``sqrt(k)``.
+
+Example::
+
+    emb = build_embedding("qr", tables, budget=Budget(ratio=10))                 # k = 2, operation "mult"
+    emb = build_embedding("qr", tables, collisions=4, operation="add")
+    emb = build_embedding("qr", tables, budget=Budget(ratio=100), partitions=3)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Literal
+
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+
+from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.registry import register
+from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, per_value, sum_copies
+
+log = logging.getLogger(__name__)
+Operation = Literal["mult", "add", "concat"]
+
+
+def partition_rows(n: int, base: int, k: int) -> int:
+    """Rows of all ``k`` partitions of an ``n``-id table with base ``base``."""
+    return (k - 1) * base + -(-n // base ** (k - 1))
+
+
+def smallest_base(n: int, k: int, cap: int) -> int | None:
+    """The smallest base whose partitions fit ``cap`` rows (fewest collisions), or None if none does."""
+    top = max(1, math.ceil(n ** (1.0 / k)))  # rows stop shrinking beyond the k-th root
+    if partition_rows(n, top, k) > cap and partition_rows(n, top + 1, k) > cap:
+        return None
+    low, high = 1, top + 1
+    while low < high:
+        mid = (low + high) // 2
+        if partition_rows(n, mid, k) <= cap:
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+@register("qr")
+class QREmbedding(EmbeddingMethod):
+    """Quotient-remainder / k-way complementary partitions; ``collisions`` is the base ``b`` for every table."""
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        *,
+        collisions: int | Sequence[int] = 4,
+        partitions: int = 2,
+        operation: Operation = "mult",
+        validate_ids: bool = True,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(tables, validate_ids=validate_ids)
+        if partitions < 2:
+            raise ValueError(f"Method 'qr' needs partitions >= 2 (got {partitions}).")
+        if operation not in ("mult", "add", "concat"):
+            raise ValueError(f"Method 'qr': unknown operation {operation!r}; use 'mult', 'add' or 'concat'.")
+        bases = [collisions] * len(self._tables) if isinstance(collisions, int) else list(collisions)
+        if len(bases) != len(self._tables) or min(bases) < 1:
+            raise ValueError(f"Method 'qr': collisions must be >= 1, one value or one per table (got {collisions}).")
+        if operation == "concat" and any(t.embedding_dim % partitions for t in self._tables):
+            raise ValueError(
+                f"Method 'qr' with operation='concat' needs every embedding_dim divisible by partitions={partitions}."
+            )
+        self.bases, self.partitions, self.operation = bases, partitions, operation
+        k = partitions
+        width = {t.name: t.embedding_dim // k if operation == "concat" else t.embedding_dim for t in self._tables}
+        self.fan_out = FanOut(self._feature_names, [k] * len(self._feature_names))
+        physical = []
+        for t, base in zip(self._tables, bases):
+            names = [f"{f}@{c}" for f in t.feature_names for c in range(k)]
+            rows = partition_rows(t.num_embeddings, base, k)
+            physical.append(replace(t, num_embeddings=rows, embedding_dim=width[t.name], feature_names=names))
+        dev = torch.device(device or "cpu")
+        self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+        base_of = {f: b for t, b in zip(self._tables, bases) for f in t.feature_names}
+        self.register_buffer(
+            "base", torch.tensor([base_of[f] for f in self._feature_names], device=dev), persistent=False
+        )
+        self._initialise(physical)
+
+    def _initialise(self, physical: list[EmbeddingBagConfig]) -> None:
+        k = self.partitions
+        with torch.no_grad():
+            for t, base, table in zip(self._tables, self.bases, physical):
+                weight = self.tables.embedding_bags[table.name].weight
+                bound = math.sqrt(1.0 / t.num_embeddings)
+                if self.operation == "mult":
+                    weight.fill_(1.0)
+                    weight[(k - 1) * base :].uniform_(-bound, bound)  # the quotient partition carries the scale
+                else:
+                    scale = 1.0 / math.sqrt(k) if self.operation == "add" else 1.0
+                    weight.uniform_(-bound * scale, bound * scale)
+
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Physical KJT: partition ``c`` of feature ``f`` is ``f@c``, rows offset by ``c * base``."""
+        values = features.values()
+        base = per_value(self.base, features)
+        rows, rest = [], values
+        for c in range(self.partitions - 1):
+            rows.append(c * base + torch.remainder(rest, base))
+            rest = torch.div(rest, base, rounding_mode="floor")
+        rows.append((self.partitions - 1) * base + rest)
+        return self.fan_out(features, torch.stack(rows))
+
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        pooled = self.tables(self.remap(features)).values()
+        k, dims, batch = self.partitions, self._length_per_key, pooled.shape[0]
+        if self.operation == "concat":
+            combined = pooled
+        elif self.operation == "add":
+            combined = sum_copies(pooled, dims, [k] * len(dims))
+        else:
+            parts = torch.split(pooled, [k * d for d in dims], dim=1)
+            combined = torch.cat([p.view(batch, k, d).prod(1) for p, d in zip(parts, dims)], dim=1)
+        return keyed(combined, self._feature_names, dims)
+
+    def memory_bytes(self) -> int:
+        return self.table_bytes(self._tables, self.bases, self.partitions, self.operation)
+
+    @staticmethod
+    def table_bytes(tables: Sequence[EmbeddingBagConfig], bases: Sequence[int], k: int, operation: str) -> int:
+        """The memory formula (used by the budget solver)."""
+        return (
+            sum(
+                partition_rows(t.num_embeddings, b, k)
+                * (t.embedding_dim // k if operation == "concat" else t.embedding_dim)
+                for t, b in zip(tables, bases)
+            )
+            * FP32_BYTES
+        )
+
+    @classmethod
+    def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> QREmbedding:
+        tables = check_tables(tables)
+        if "collisions" in options:
+            raise ValueError("Method 'qr': give either collisions= or budget=, not both.")
+        k = int(options.get("partitions", 2))  # type: ignore[arg-type]
+        operation = str(options.get("operation", "mult"))
+        allowed = budget.max_bytes(tables)
+
+        def bases_for(cap: int) -> list[int] | None:
+            bases = [smallest_base(t.num_embeddings, k, cap) for t in tables]
+            return None if None in bases else bases  # type: ignore[return-value]
+
+        def fits(cap: int) -> bool:
+            bases = bases_for(cap)
+            return bases is not None and cls.table_bytes(tables, bases, k, operation) <= allowed
+
+        floor_cap = max(
+            min(partition_rows(t.num_embeddings, b, k) for b in range(1, math.ceil(t.num_embeddings ** (1.0 / k)) + 2))
+            for t in tables
+        )
+        floor_bases = bases_for(floor_cap)
+        smallest = cls.table_bytes(tables, floor_bases, k, operation)  # type: ignore[arg-type]
+        if smallest > allowed:
+            raise ValueError(
+                f"Method 'qr' with {k} partitions cannot fit {allowed} bytes: its smallest form needs {smallest} "
+                f"bytes (ratio {full_bytes(tables) / smallest:.1f}). Ask for at least {smallest} bytes, or use "
+                f"more partitions (partitions={k + 1})."
+            )
+        cap = largest_fitting(fits, floor_cap, max(t.num_embeddings for t in tables) + k)
+        method = cls(tables, collisions=bases_for(cap), **options)  # type: ignore[arg-type]
+        log.info("qr: k=%d, bases %s reach ratio %.2f (asked %s)", k, method.bases, method.compression_ratio(), budget)
+        return method

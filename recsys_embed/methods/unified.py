@@ -1,0 +1,126 @@
+"""``unified``: Unified Embedding (feature multiplexing): every feature hashes into one shared table.
+
+Idea (Coleman et al., NeurIPS'23, "Unified Embedding: Battle-Tested Feature Representations for Web-Scale ML
+Systems"): one table of ``rows`` rows of width ``chunk_dim`` serves all features; each feature has its own seeded
+hash, so features multiplex the same rows and collisions spread across features. A feature of dim ``d`` is built
+from ``d / chunk_dim`` chunks (multi-probe), each with an independent hash, concatenated; so features with
+different dims share one table. Implemented as one TorchRec table read by one physical feature per chunk.
+
+``hash="identity"`` places the chunks of every feature at consecutive offsets (``(offset + id) mod rows``), which
+with enough rows is collision-free (a full table, used by the parity test).
+
+Memory: ``rows * chunk_dim * 4 + 8 * #chunks`` bytes (the table plus one int64 seed per feature chunk). The budget
+solver picks the largest ``rows`` that fits.
+
+Example::
+
+    emb = build_embedding("unified", tables, budget=Budget(ratio=20))
+    emb = build_embedding("unified", tables, rows=100_000, chunk_dim=8)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+
+from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.hash_fn import hash_to_buckets
+from recsys_embed.methods.registry import register
+from recsys_embed.methods.remap import FanOut, keyed, per_value
+
+log = logging.getLogger(__name__)
+SEED_BYTES = 8
+
+
+@register("unified")
+class UnifiedEmbedding(EmbeddingMethod):
+    """One shared ``rows x chunk_dim`` table; each feature chunk has its own hash into it."""
+
+    accepts_any_id = True
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        *,
+        rows: int,
+        chunk_dim: int | None = None,
+        hash: Literal["splitmix64", "identity"] = "splitmix64",
+        seed: int = 0,
+        validate_ids: bool = True,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(tables, validate_ids=validate_ids)
+        chunk_dim = chunk_dim or math.gcd(*[t.embedding_dim for t in self._tables])
+        if rows < 1 or any(t.embedding_dim % chunk_dim for t in self._tables):
+            raise ValueError(
+                f"Method 'unified' needs rows >= 1 and every embedding_dim divisible by chunk_dim "
+                f"(got rows={rows}, chunk_dim={chunk_dim}, dims {sorted({t.embedding_dim for t in self._tables})})."
+            )
+        if hash not in ("splitmix64", "identity"):
+            raise ValueError(f"Method 'unified': unknown hash {hash!r}; use 'splitmix64' or 'identity'.")
+        self.rows, self.chunk_dim, self.hash_name = rows, chunk_dim, hash
+        self.chunks = [self._length_per_key[i] // chunk_dim for i in range(len(self._feature_names))]
+        self.fan_out = FanOut(self._feature_names, self.chunks)
+        dev = torch.device(device or "cpu")
+        shared = EmbeddingBagConfig(
+            name="unified", num_embeddings=rows, embedding_dim=chunk_dim, feature_names=self.fan_out.keys
+        )
+        self.tables = EmbeddingBagCollection(tables=[shared], device=dev)
+        most = max(self.chunks)
+        seeds = seed * 1_000_003 + torch.arange(len(self._feature_names) * most).view(-1, most)
+        self.register_buffer("seeds", seeds.to(dev))
+        cards = [self._cardinality[f] for f in self._feature_names]
+        offsets = torch.tensor([[sum(cards[:i]) * most + c * n for c in range(most)] for i, n in enumerate(cards)])
+        self.register_buffer("offsets", offsets.to(dev), persistent=False)
+        with torch.no_grad():
+            bound = math.sqrt(1.0 / max(cards))
+            self.tables.embedding_bags["unified"].weight.uniform_(-bound, bound)
+
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Physical KJT: chunk ``c`` of feature ``f`` is ``f@c`` (``f`` itself for one chunk)."""
+        values = features.values()
+        if self.hash_name == "identity":
+            offsets = per_value(self.offsets, features)
+            rows = torch.remainder(offsets + values.unsqueeze(1), self.rows).T
+        else:
+            seeds = per_value(self.seeds, features)
+            rows = torch.stack([hash_to_buckets(values, seeds[:, c], self.rows) for c in range(seeds.shape[1])])
+        return self.fan_out(features, rows)
+
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        pooled = self.tables(self.remap(features)).values()  # chunks of a feature are adjacent: concatenation
+        return keyed(pooled, self._feature_names, self._length_per_key)
+
+    def memory_bytes(self) -> int:
+        return self.rows_bytes(self.rows, self.chunk_dim, self.seeds.numel())
+
+    @staticmethod
+    def rows_bytes(rows: int, chunk_dim: int, seeds: int) -> int:
+        return rows * chunk_dim * FP32_BYTES + SEED_BYTES * seeds
+
+    @classmethod
+    def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> UnifiedEmbedding:
+        tables = check_tables(tables)
+        if "rows" in options:
+            raise ValueError("Method 'unified': give either rows= or budget=, not both.")
+        chunk_dim = int(options.get("chunk_dim") or math.gcd(*[t.embedding_dim for t in tables]))  # type: ignore[arg-type]
+        features = sum(len(t.feature_names) for t in tables)
+        seeds = features * max(t.embedding_dim for t in tables) // chunk_dim
+        allowed = budget.max_bytes(tables)
+        rows = (allowed - SEED_BYTES * seeds) // (chunk_dim * FP32_BYTES)
+        if rows < 1:
+            smallest = cls.rows_bytes(1, chunk_dim, seeds)
+            raise ValueError(
+                f"Method 'unified' cannot fit {allowed} bytes: one row and the seeds need {smallest} bytes "
+                f"(ratio {full_bytes(tables) / smallest:.1f}). Ask for at least {smallest} bytes."
+            )
+        method = cls(tables, rows=int(rows), **options)  # type: ignore[arg-type]
+        log.info(
+            "unified: rows=%d x %d reaches ratio %.2f (asked %s)", rows, chunk_dim, method.compression_ratio(), budget
+        )
+        return method
