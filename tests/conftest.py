@@ -54,3 +54,22 @@ def random_kjt(
         lengths=torch.cat(lengths),
         stride=batch,
     )
+
+
+def zipf_counts(tables: list[EmbeddingBagConfig], seed: int = 0) -> dict[str, "np.ndarray"]:
+    """Zipf-like id counts for every feature (for frequency-aware methods)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {
+        f: rng.permutation(np.round(1000.0 / np.arange(1, t.num_embeddings + 1)).astype(np.int64))
+        for t in tables
+        for f in t.feature_names
+    }
+
+
+def method_options(name: str, tables: list[EmbeddingBagConfig]) -> dict[str, object]:
+    """Extra options a registered method needs to build on test tables (e.g. id counts)."""
+    from recsys_embed.methods import method_class
+
+    return {"id_counts": zipf_counts(tables)} if method_class(name).needs_id_counts else {}

@@ -25,6 +25,8 @@ from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 FP32_BYTES = 4
+#: fbgemm's table-batched kernels need every physical embedding dim to be a multiple of this
+TBE_DIM_MULTIPLE = 4
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class EmbeddingMethod(nn.Module):
     name: ClassVar[str] = ""
     #: whether ids outside ``[0, num_embeddings)`` are part of the method's definition (hashing) or an error
     accepts_any_id: ClassVar[bool] = False
+    #: whether the method needs per-id frequencies (``id_counts=``, from the data's ``id_counts.npz``)
+    needs_id_counts: ClassVar[bool] = False
 
     def __init__(self, tables: Sequence[EmbeddingBagConfig], *, validate_ids: bool = True) -> None:
         super().__init__()

@@ -25,6 +25,8 @@ from torchrec import EmbeddingBagCollection
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 
+from recsys_embed.methods.base import TBE_DIM_MULTIPLE
+
 log = logging.getLogger(__name__)
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -72,6 +74,12 @@ def fuse_tables(module: nn.Module, optimizer: SparseOptimizer, device: torch.dev
             if type(child) is not EmbeddingBagCollection:
                 continue
             target = device or next(child.parameters()).device
+            for table in child.embedding_bag_configs():
+                if table.embedding_dim % TBE_DIM_MULTIPLE:
+                    raise ValueError(
+                        f"Table {table.name!r} has embedding_dim {table.embedding_dim}: fbgemm's table-batched kernels "
+                        f"need a multiple of {TBE_DIM_MULTIPLE}; change the dim (or the method's dim options)."
+                    )
             replacement = FusedEmbeddingBagCollection(
                 tables=child.embedding_bag_configs(),
                 optimizer_type=opt_type,

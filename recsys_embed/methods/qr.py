@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
-from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, per_value, sum_copies
 
@@ -86,9 +86,11 @@ class QREmbedding(EmbeddingMethod):
         bases = [collisions] * len(self._tables) if isinstance(collisions, int) else list(collisions)
         if len(bases) != len(self._tables) or min(bases) < 1:
             raise ValueError(f"Method 'qr': collisions must be >= 1, one value or one per table (got {collisions}).")
-        if operation == "concat" and any(t.embedding_dim % partitions for t in self._tables):
+        if operation == "concat" and any(t.embedding_dim % (partitions * TBE_DIM_MULTIPLE) for t in self._tables):
             raise ValueError(
-                f"Method 'qr' with operation='concat' needs every embedding_dim divisible by partitions={partitions}."
+                f"Method 'qr' with operation='concat' needs every embedding_dim divisible by "
+                f"{TBE_DIM_MULTIPLE} * partitions = {TBE_DIM_MULTIPLE * partitions} (each partition's width must be a "
+                "multiple of 4 for fbgemm); use 'mult' or 'add', or fewer partitions."
             )
         self.bases, self.partitions, self.operation = bases, partitions, operation
         k = partitions

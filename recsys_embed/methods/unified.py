@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
-from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.remap import FanOut, keyed, per_value
@@ -56,9 +56,10 @@ class UnifiedEmbedding(EmbeddingMethod):
     ) -> None:
         super().__init__(tables, validate_ids=validate_ids)
         chunk_dim = chunk_dim or math.gcd(*[t.embedding_dim for t in self._tables])
-        if rows < 1 or any(t.embedding_dim % chunk_dim for t in self._tables):
+        if rows < 1 or chunk_dim % TBE_DIM_MULTIPLE or any(t.embedding_dim % chunk_dim for t in self._tables):
             raise ValueError(
-                f"Method 'unified' needs rows >= 1 and every embedding_dim divisible by chunk_dim "
+                f"Method 'unified' needs rows >= 1, chunk_dim a multiple of {TBE_DIM_MULTIPLE} (for fbgemm) and "
+                "every embedding_dim divisible by chunk_dim "
                 f"(got rows={rows}, chunk_dim={chunk_dim}, dims {sorted({t.embedding_dim for t in self._tables})})."
             )
         if hash not in ("splitmix64", "identity"):

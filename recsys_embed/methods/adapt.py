@@ -1,0 +1,155 @@
+"""``adapt``: frequency-aware hot/cold split: frequent ids get their own rows, the rest share hashed rows.
+
+Idea (frequency-based hybrid embeddings, as in the VLDB'24 benchmark of Zhang et al., arXiv 2311.15578, and the
+hot/cold designs it surveys): Zipf-distributed ids put most traffic on few ids. Of a table's ``R`` rows,
+``hot_share * R`` go to the most frequent ids in the training data (one row each, never collide), the other rows
+are a hashed table shared by all remaining ids. Tables with ``n <= rows`` stay full. The hot ids are stored as one
+sorted int64 array (a lookup is a vectorized ``searchsorted``); frequencies come from the data's
+``id_counts.npz`` (``CTRDataModule.id_counts()``).
+
+Memory: ``sum_t min(n_t, rows) * d_t * 4 + 8 * #hot ids + 8 * #features`` bytes (rows, the sorted hot ids, one
+int64 seed per feature). Hot ids are chosen per table (counts of a table's features added). The budget solver
+picks the largest ``rows`` that fits.
+
+Example::
+
+    emb = build_embedding("adapt", tables, budget=Budget(ratio=10), id_counts=datamodule.id_counts())
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+
+from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.hash_fn import hash_to_buckets
+from recsys_embed.methods.registry import register
+from recsys_embed.methods.remap import FanOut, largest_fitting, per_value
+
+log = logging.getLogger(__name__)
+ID_BYTES = 8
+
+
+def hot_rows(n: int, rows: int, hot_share: float) -> int:
+    """Hot rows of a table with ``n`` ids under a ``rows`` cap (0 when the table stays full)."""
+    return 0 if n <= rows else min(rows - 1, int(round(hot_share * rows)))
+
+
+@register("adapt")
+class AdaptiveHotCold(EmbeddingMethod):
+    """Top ``hot_share * rows`` ids by frequency get own rows; the others hash into the remaining rows."""
+
+    needs_id_counts = True
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        *,
+        rows: int,
+        id_counts: Mapping[str, np.ndarray | torch.Tensor] | None = None,
+        hot_share: float = 0.5,
+        seed: int = 0,
+        validate_ids: bool = True,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(tables, validate_ids=validate_ids)
+        if rows < 2 or not 0.0 <= hot_share < 1.0:
+            raise ValueError(f"Method 'adapt' needs rows >= 2 and 0 <= hot_share < 1 (got {rows}, {hot_share}).")
+        self.rows, self.hot_share = rows, hot_share
+        hot = [hot_rows(t.num_embeddings, rows, hot_share) for t in self._tables]
+        counts = self._checked_counts(id_counts, [f for t, h in zip(self._tables, hot) if h for f in t.feature_names])
+        offsets = np.cumsum([0] + [t.num_embeddings for t in self._tables])[:-1]
+        hot_keys = []
+        for offset, t, h in zip(offsets, self._tables, hot):
+            if h:  # most frequent ids of the table first, ties to the smaller id; stored sorted for searchsorted
+                freq = sum(np.asarray(counts[f], dtype=np.int64) for f in t.feature_names)
+                order = np.lexsort((np.arange(t.num_embeddings), -freq))
+                hot_keys.append(np.sort(order[:h]) + offset)
+        dev = torch.device(device or "cpu")
+        keys = np.concatenate(hot_keys) if hot_keys else np.zeros(0, dtype=np.int64)
+        self.register_buffer("hot_keys", torch.as_tensor(keys, dtype=torch.int64, device=dev))
+        self.register_buffer("seeds", seed * 1_000_003 + torch.arange(len(self._feature_names), device=dev))
+        index = {t.name: i for i, t in enumerate(self._tables)}
+        table_of = [index[self._table_of[f]] for f in self._feature_names]
+        hot_start = np.cumsum([0, *hot])[:-1]
+        per_table = {
+            "offset": offsets,
+            "hot_start": hot_start,
+            "hot": hot,
+            "cold": [min(t.num_embeddings, rows) - h for t, h in zip(self._tables, hot)],
+            "full": [t.num_embeddings <= rows for t in self._tables],
+        }
+        for name, values in per_table.items():  # one entry per feature, from its table
+            self.register_buffer(name, torch.tensor([values[i] for i in table_of], device=dev), persistent=False)
+        physical = [replace(t, num_embeddings=min(t.num_embeddings, rows)) for t in self._tables]
+        self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+        self.fan_out = FanOut(self._feature_names, [1] * len(self._feature_names))
+
+    def _checked_counts(self, id_counts: Mapping | None, needed: list[str]) -> Mapping:
+        if not needed:
+            return {}
+        if id_counts is None:
+            raise ValueError(
+                "Method 'adapt' needs id_counts (per-feature id frequencies of the training data): pass "
+                "id_counts=CTRDataModule(...).id_counts() or recsys_embed.data.load_id_counts(data_dir)."
+            )
+        for f in needed:
+            if f not in id_counts or len(id_counts[f]) != self._cardinality[f]:
+                got = len(id_counts[f]) if f in id_counts else "none"
+                raise ValueError(
+                    f"Method 'adapt': id_counts[{f!r}] must have {self._cardinality[f]} entries (got {got}); "
+                    "use the id_counts.npz written with this dataset."
+                )
+        return id_counts
+
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Hot ids -> their own row; cold ids -> ``hot + hash(id) mod cold``; full tables -> the id itself."""
+        values = features.values()
+        keys = per_value(self.offset, features) + values
+        if self.hot_keys.numel():
+            position = torch.searchsorted(self.hot_keys, keys)
+            is_hot = self.hot_keys[position.clamp(max=self.hot_keys.numel() - 1)] == keys
+        else:
+            position, is_hot = torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
+        hot, cold = per_value(self.hot, features), per_value(self.cold, features)
+        cold_row = hot + hash_to_buckets(values, per_value(self.seeds, features), cold)
+        rows = torch.where(is_hot, position - per_value(self.hot_start, features), cold_row)
+        rows = torch.where(per_value(self.full, features), values, rows)
+        return self.fan_out(features, rows.unsqueeze(0))
+
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.tables(self.remap(features))
+
+    def memory_bytes(self) -> int:
+        return self.rows_bytes(self._tables, self.rows, self.hot_share)
+
+    @staticmethod
+    def rows_bytes(tables: Sequence[EmbeddingBagConfig], rows: int, hot_share: float) -> int:
+        total = 0
+        for t in tables:
+            total += min(t.num_embeddings, rows) * t.embedding_dim * FP32_BYTES + ID_BYTES * len(t.feature_names)
+            total += ID_BYTES * hot_rows(t.num_embeddings, rows, hot_share)
+        return total
+
+    @classmethod
+    def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> AdaptiveHotCold:
+        tables = check_tables(tables)
+        if "rows" in options:
+            raise ValueError("Method 'adapt': give either rows= or budget=, not both.")
+        share = float(options.get("hot_share", 0.5))  # type: ignore[arg-type]
+        allowed, smallest = budget.max_bytes(tables), cls.rows_bytes(tables, 2, share)
+        if smallest > allowed:
+            raise ValueError(
+                f"Method 'adapt' cannot fit {allowed} bytes: two rows per table already need {smallest} bytes "
+                f"(ratio {full_bytes(tables) / smallest:.1f}). Ask for at least {smallest} bytes."
+            )
+        most = max(t.num_embeddings for t in tables)
+        rows = largest_fitting(lambda r: cls.rows_bytes(tables, r, share) <= allowed, 2, most)
+        method = cls(tables, rows=rows, **options)  # type: ignore[arg-type]
+        log.info("adapt: rows=%d reaches ratio %.2f (asked %s)", rows, method.compression_ratio(), budget)
+        return method
