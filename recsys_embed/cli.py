@@ -19,6 +19,7 @@ class RecsysCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.cardinalities", "model.cardinalities", apply_on="instantiate")
         parser.link_arguments("data.num_dense", "model.num_dense", apply_on="instantiate")
+        parser.link_arguments("data.data_dir", "model.id_counts_dir", compute_fn=str, apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint.")
 
     def after_fit(self) -> None:

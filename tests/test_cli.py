@@ -65,3 +65,47 @@ def test_unknown_option_fails_listing_valid_options(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"no option\(s\) \['rowz'\]"):
         main(["fit", "--config", CONFIG, *TINY, "--model.embedding.method=hash", "--model.embedding.options={rowz: 3}"])
+
+
+def test_fit_a_frequency_aware_method_reads_the_data_id_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["--model.embedding.method=adapt", "--model.embedding.budget.ratio=8", "--trainer.max_steps=2"]
+    main(["fit", "--config", CONFIG, *TINY, *args])
+    assert list(tmp_path.glob("runs/synthetic_dlrm/**/checkpoints/last.ckpt"))
+
+
+def test_frequency_aware_method_without_counts_is_a_clear_error() -> None:
+    from recsys_embed.training import CTRTask, EmbeddingSpec
+
+    with pytest.raises(ValueError, match="needs the data's id counts"):
+        CTRTask({"cat_0": 100}, 0, embedding=EmbeddingSpec(method="adapt", options={"rows": 10}))
+
+
+def test_each_epoch_gets_its_own_shuffle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from recsys_embed.data import CTRDataModule
+    from recsys_embed.training import CTRTask
+
+    monkeypatch.chdir(tmp_path)
+    first_ids: list[list[int]] = []
+
+    class Recording(CTRTask):
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN202
+            if batch_idx == 0:
+                first_ids.append(batch.sparse.values()[:50].tolist())
+            return super().training_step(batch, batch_idx)
+
+    import lightning.pytorch as pl
+
+    from tests.conftest import TINY_SYNTHETIC
+
+    dm = CTRDataModule(synthetic=TINY_SYNTHETIC, batch_size=2000)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        inference_mode=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(Recording(dm.cardinalities, dm.num_dense), datamodule=dm)
+    assert len(first_ids) == 2 and first_ids[0] != first_ids[1]

@@ -165,3 +165,21 @@ def test_dataloader_workers_split_the_rows_without_duplicates(tiny_dataset: Path
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     labels_seen = sum(len(b) for b in loader)
     assert labels_seen == TINY_SYNTHETIC.train_rows
+
+
+def test_count_ids_rejects_ids_beyond_the_cardinality() -> None:
+    from recsys_embed.data.schema import count_ids
+
+    assert count_ids({"c": np.array([0, 2, 2])}, {"c": 3})["c"].tolist() == [1, 0, 2]
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        count_ids({"c": np.array([0, 3])}, {"c": 3})
+
+
+def test_schema_with_unknown_keys_is_a_clear_error(tmp_path: Path) -> None:
+    import json
+
+    _small_folder(tmp_path)
+    raw = json.loads((tmp_path / "schema.json").read_text())
+    (tmp_path / "schema.json").write_text(json.dumps({**raw, "colour": "blue"}))
+    with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
+        CTRSchema.load(tmp_path)

@@ -84,8 +84,6 @@ class CTRDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world,
         )
-        if train and self.trainer is not None:
-            dataset.set_epoch(self.trainer.current_epoch)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:

@@ -49,6 +49,11 @@ class CTRSchema:
         raw = json.loads(path.read_text())
         if raw.get("format") != FORMAT:
             raise ValueError(f"{path} has format {raw.get('format')!r}, expected {FORMAT!r}; re-run the data script.")
+        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"{path} has unknown keys {unknown}; it was written by another version, re-run the script."
+            )
         return cls(**raw)
 
     def save(self, folder: str | Path) -> None:
@@ -69,9 +74,15 @@ def write_split(folder: str | Path, split: str, table: pa.Table) -> int:
 
 def count_ids(columns: dict[str, np.ndarray], cardinalities: dict[str, int]) -> dict[str, np.ndarray]:
     """Per-feature id occurrence counts (int64 arrays of length ``num_embeddings``)."""
-    return {
-        name: np.bincount(values, minlength=cardinalities[name]).astype(np.int64) for name, values in columns.items()
-    }
+    counts = {}
+    for name, values in columns.items():
+        if len(values) and (values.min() < 0 or values.max() >= cardinalities[name]):
+            raise ValueError(
+                f"Column {name!r} has ids in [{values.min()}, {values.max()}] outside [0, {cardinalities[name]}); "
+                "the cardinality in the schema must exceed every id."
+            )
+        counts[name] = np.bincount(values, minlength=cardinalities[name]).astype(np.int64)
+    return counts
 
 
 def save_id_counts(folder: str | Path, counts: dict[str, np.ndarray]) -> None:

@@ -21,6 +21,7 @@ from torchmetrics.classification import BinaryAUROC
 from torchrec import EmbeddingBagConfig
 
 from recsys_embed.data.batches import Batch
+from recsys_embed.data.schema import load_id_counts
 from recsys_embed.methods import (
     Budget,
     EmbeddingMethod,
@@ -28,6 +29,7 @@ from recsys_embed.methods import (
     build_embedding,
     dense_parameters,
     fuse_tables,
+    method_class,
 )
 from recsys_embed.models import DLRM
 
@@ -76,6 +78,8 @@ class CTRTask(pl.LightningModule):
         model: a model class or factory called as ``model(embedding_module, num_dense)``.
         sparse_optimizer: the optimizer fused into the embedding tables.
         optimizer: factory of the dense optimizer.
+        id_counts_dir: folder with the data's ``id_counts.npz`` (linked from the data module), read only by
+            frequency-aware methods.
     """
 
     def __init__(
@@ -87,12 +91,21 @@ class CTRTask(pl.LightningModule):
         model: ModelFactory = DLRM,
         sparse_optimizer: SparseOptimizer = SparseOptimizer(),
         optimizer: OptimizerFactory = default_optimizer,
+        id_counts_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer"])
         self.tables = tables_for(cardinalities, embedding_dim)
         self.embedding_spec = embedding
-        self.embedding = build_embedding(embedding.method, self.tables, budget=embedding.budget, **embedding.options)
+        options = dict(embedding.options)
+        if method_class(embedding.method).needs_id_counts and "id_counts" not in options:
+            if id_counts_dir is None:
+                raise ValueError(
+                    f"Method {embedding.method!r} needs the data's id counts: set model.id_counts_dir (the CLI links "
+                    "it from data.data_dir) or pass id_counts in model.embedding.options."
+                )
+            options["id_counts"] = load_id_counts(id_counts_dir)
+        self.embedding = build_embedding(embedding.method, self.tables, budget=embedding.budget, **options)
         self.net = model(self.embedding, num_dense)
         self.sparse_optimizer = sparse_optimizer
         self.optimizer_factory = optimizer
@@ -138,6 +151,13 @@ class CTRTask(pl.LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, self.test_auc, self.test_logloss, "test")
+
+    def on_train_epoch_start(self) -> None:
+        """Give a streaming train dataset the epoch, so its seeded shuffle differs per epoch."""
+        loader = self.trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
 
     def on_fit_start(self) -> None:
         log.info("Sparse optimizer (fused in the tables): %s", asdict(self.sparse_optimizer))

@@ -1,0 +1,350 @@
+"""Criteo display-advertising logs -> the CTR parquet layout (``recsys_embed.data.schema``).
+
+Input: the Criteo Kaggle challenge ``train.txt`` (45,840,617 lines) or the Criteo 1TB day files
+``day_0 .. day_23`` (plain or ``.gz``). Both are tab-separated, without a header, 40 fields a line::
+
+    label  I1 .. I13  C1 .. C26
+    label: 0 or 1; I1..I13: integers (may be empty); C1..C26: hashed categories, hex strings of up to 8 digits
+    (may be empty)
+
+Command lines::
+
+    python -m data_scripts.criteo --input train.txt --output data/criteo_kaggle
+    python -m data_scripts.criteo --days day_0 day_1 ... day_23 --output data/criteo_1tb --min-count 3
+
+Output (``--output``): ``train/val/test.parquet``, ``schema.json`` and ``id_counts.npz`` with columns ``label``,
+``int_0..int_12`` (I1..I13) and ``cat_0..cat_25`` (C1..C26).
+
+* Dense features: ``log(max(x, 0) + 1)`` as float32, an empty field counting as 0. Negative values (a few rows
+  have ``-1`` or ``-2`` in I2) are clipped to 0 first: the convention of DLRM's Criteo preprocessing.
+* Categorical features, per column: id ``0`` is the out-of-vocabulary id (values seen fewer than ``--min-count``
+  times in the train rows, and val/test values never kept from train), id ``1`` means the field was empty
+  ("missing"), and ids ``2..`` are the kept values in ascending order of their hex value. Cardinality = kept + 2.
+  ``--min-count`` defaults to 3; 1 keeps every train value (DLRM's setting), BARS/FuxiCTR use 10.
+* Split (Criteo's rows are in time order): Kaggle ``train.txt``'s lines are cut into 7 consecutive "days" of
+  equal size (the first ``lines % 7`` days one line longer, as ``numpy.array_split``); days 1-6 are train and
+  day 7 is halved, the first half (one line longer when odd) val and the second half test, as in DLRM. With
+  ``--days`` every listed file but the last is train and the last listed file is halved into val and test.
+  The split is by physical line position, so skipped malformed rows do not move the boundaries.
+
+Malformed rows (a wrong number of fields, a label other than 0/1, a non-integer I field, a C field that is not
+up to 8 hex digits) raise ``ValueError`` naming the file and line; with ``--skip-bad-rows`` they are dropped,
+counted and the first few logged.
+
+Work is done in blocks of ``--block-mb`` of text with vectorized numpy/pyarrow code, in three streaming passes:
+count lines (of the file holding val/test), count categorical values in the train rows (and validate every
+row), then map and write. Memory is about 16 bytes per distinct categorical value (the full Kaggle set has
+~33.8M) plus a few blocks of rows, not the whole dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data_scripts._common import (
+    DEFAULT_BLOCK_BYTES,
+    BadRows,
+    SplitWriter,
+    count_lines,
+    ctr_arrow_schema,
+    ctr_table,
+    matches,
+    parse_ints,
+    prepare_output,
+    read_delimited,
+    save_dataset,
+    setup_logging,
+    validate,
+)
+from recsys_embed.data.schema import CTRSchema
+
+log = logging.getLogger(__name__)
+
+NUM_DENSE = 13
+NUM_SPARSE = 26
+INT_COLUMNS = [f"I{j}" for j in range(1, NUM_DENSE + 1)]
+CAT_COLUMNS = [f"C{k}" for k in range(1, NUM_SPARSE + 1)]
+COLUMNS = ["label", *INT_COLUMNS, *CAT_COLUMNS]
+LAYOUT = "label, I1..I13, C1..C26; Criteo's unlabelled test files are not supported"
+OOV_ID = 0
+MISSING_ID = 1
+FIRST_VALUE_ID = 2
+SPLITS = ("train", "val", "test")
+_NEVER = np.iinfo(np.int64).max
+
+_HEX = np.full(256, -1, dtype=np.int64)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+    _HEX[bytes([_c]).upper()[0]] = _i
+
+
+@dataclass
+class CriteoRows:
+    """Validated rows of one block: line numbers, labels, transformed dense ``(R, 13)``, raw hex values
+    ``(26, R)`` as int64 (``-1`` for an empty field)."""
+
+    lines: np.ndarray
+    labels: np.ndarray
+    dense: np.ndarray
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One input file and where its lines go: ``line <= train_end`` train, ``<= val_end`` val, else test."""
+
+    path: Path
+    train_end: int
+    val_end: int
+
+    def split_codes(self, lines: np.ndarray) -> np.ndarray:
+        return np.searchsorted(np.array([self.train_end, self.val_end], dtype=np.int64), lines, side="left")
+
+
+def parse_hex(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Validated hex strings of up to 8 digits as int64 values; empty strings become ``-1``."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.empty(0, dtype=np.int64)
+    empty = pc.equal(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
+    padded = pc.utf8_lpad(column.cast(pa.string()), width=8, padding="0").cast(pa.binary(8))
+    raw = np.frombuffer(padded.buffers()[1], dtype=np.uint8)
+    digits = _HEX[raw[8 * padded.offset : 8 * (padded.offset + len(padded))].reshape(-1, 8)]
+    values = np.zeros(len(padded), dtype=np.int64)
+    for k in range(8):
+        values = (values << 4) | digits[:, k]
+    values[empty] = -1
+    return values
+
+
+def read_criteo(path: str | Path, bad: BadRows, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[CriteoRows]:
+    """Stream a Criteo TSV file as validated, parsed blocks (dense already ``log(max(x, 0) + 1)``)."""
+    for table, lines in read_delimited(path, COLUMNS, delimiter=b"\t", bad=bad, layout=LAYOUT, block_bytes=block_bytes):
+        label_ok = pc.is_in(table["label"], value_set=pa.array([b"0", b"1"], pa.binary()))
+        checks = [("label", "0 or 1", label_ok.to_numpy(zero_copy_only=False))]
+        checks += [(c, "an integer or empty", matches(table[c], r"-?[0-9]{1,18}|")) for c in INT_COLUMNS]
+        checks += [(c, "up to 8 hex digits or empty", matches(table[c], r"[0-9a-fA-F]{0,8}")) for c in CAT_COLUMNS]
+        table, lines = validate(table, lines, checks, path, bad)
+        if not len(lines):
+            continue
+        labels = pc.equal(table["label"], pa.scalar(b"1", pa.binary())).to_numpy(zero_copy_only=False)
+        ints = np.stack([parse_ints(table[c]) for c in INT_COLUMNS], axis=1)
+        dense = np.log1p(np.maximum(ints, 0)).astype(np.float32)
+        values = np.stack([parse_hex(table[c]) for c in CAT_COLUMNS])
+        yield CriteoRows(lines, labels.astype(np.float32), dense, values)
+
+
+class ValueCounter:
+    """Occurrence counts of non-negative int64 values, merged lazily (amortized sort-based merging)."""
+
+    def __init__(self, merge_at: int = 1 << 22) -> None:
+        self.values = np.empty(0, dtype=np.int64)
+        self.counts = np.empty(0, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
+        self._merge_at = merge_at
+
+    def add(self, values: np.ndarray) -> None:
+        values = values[values >= 0]
+        if not len(values):
+            return
+        distinct, counts = np.unique(values, return_counts=True)
+        self._pending.append((distinct, counts))
+        self._pending_size += len(distinct)
+        if self._pending_size >= max(len(self.values), self._merge_at):
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        values = np.concatenate([self.values, *(v for v, _ in self._pending)])
+        counts = np.concatenate([self.counts, *(c for _, c in self._pending)])
+        self.values, inverse = np.unique(values, return_inverse=True)
+        # float64 weights are exact for counts below 2**53
+        self.counts = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(self.values)).astype(np.int64)
+        self._pending, self._pending_size = [], 0
+
+    def kept(self, min_count: int) -> np.ndarray:
+        """Sorted values seen at least ``min_count`` times."""
+        self._merge()
+        return self.values[self.counts >= min_count]
+
+
+def map_values(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
+    """Raw values -> ids: ``FIRST_VALUE_ID + index`` in the sorted ``vocabulary``, else OOV; ``-1`` -> missing."""
+    pos = np.searchsorted(vocabulary, values)
+    if len(vocabulary):
+        hit = vocabulary[np.minimum(pos, len(vocabulary) - 1)] == values
+    else:
+        hit = np.zeros(len(values), dtype=bool)
+    ids = np.where(hit, pos + FIRST_VALUE_ID, OOV_ID)
+    ids[values < 0] = MISSING_ID
+    return ids.astype(np.int64)
+
+
+def _plan(inputs: Sequence[Path], layout: str, block_bytes: int) -> list[_Part]:
+    if layout == "kaggle":
+        if len(inputs) != 1:
+            raise ValueError(f"The Kaggle layout takes one train.txt, got {len(inputs)} files; use --days for 1TB.")
+        total = count_lines(inputs[0], block_bytes)
+        days = [total // 7 + (d < total % 7) for d in range(7)]
+        train_end = sum(days[:6])
+        parts = [_Part(Path(inputs[0]), train_end, train_end + (days[6] + 1) // 2)]
+        sizes = [train_end, (days[6] + 1) // 2, days[6] // 2]
+    elif layout == "days":
+        if len(inputs) < 2:
+            raise ValueError("--days needs at least two day files: train days and a last day halved into val/test.")
+        last = count_lines(inputs[-1], block_bytes)
+        parts = [_Part(Path(p), _NEVER, _NEVER) for p in inputs[:-1]]
+        parts.append(_Part(Path(inputs[-1]), 0, (last + 1) // 2))
+        sizes = [-1, (last + 1) // 2, last // 2]
+    else:
+        raise ValueError(f"layout must be 'kaggle' or 'days', got {layout!r}")
+    for split, size in zip(SPLITS, sizes):
+        if size == 0:
+            raise ValueError(
+                f"{inputs[-1]} has too few lines for a non-empty {split} split (Kaggle needs at least 14 lines, "
+                "the last day file at least 2)."
+            )
+    return parts
+
+
+def prepare_criteo(
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    *,
+    layout: Literal["kaggle", "days"] = "kaggle",
+    min_count: int = 3,
+    skip_bad_rows: bool = False,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> CTRSchema:
+    """Convert Criteo TSV data into a CTR dataset folder (see the module docstring for every rule).
+
+    Args:
+        inputs: ``[train.txt]`` for ``layout="kaggle"``, or the day files in day order for ``layout="days"``.
+        output: the dataset folder to write (created; files in it are overwritten).
+        min_count: categorical values seen fewer times in the train rows map to the OOV id 0.
+        skip_bad_rows: drop malformed rows (counted and logged) instead of raising ``ValueError``.
+        block_bytes: text read per block; memory scales with it.
+
+    Returns:
+        The saved :class:`CTRSchema`.
+    """
+    if min_count < 1:
+        raise ValueError(f"min_count must be at least 1, got {min_count}.")
+    inputs = [Path(p) for p in inputs]
+    parts = _plan(inputs, layout, block_bytes)
+    folder = prepare_output(output)
+
+    log.info("Pass 1/2: counting categorical values in the train rows (min_count=%d)", min_count)
+    counters = [ValueCounter() for _ in range(NUM_SPARSE)]
+    bad = BadRows(skip_bad_rows)
+    for part in parts:
+        for rows in read_criteo(part.path, bad, block_bytes):
+            train = rows.lines <= part.train_end
+            if train.any():
+                for f in range(NUM_SPARSE):
+                    counters[f].add(rows.values[f, train])
+    vocabularies = [counter.kept(min_count) for counter in counters]
+    cardinalities = [len(v) + FIRST_VALUE_ID for v in vocabularies]
+    del counters
+    log.info("Cardinalities (OOV and missing ids included): %s", cardinalities)
+
+    log.info("Pass 2/2: mapping ids and writing %s", folder)
+    id_counts = [np.zeros(n, dtype=np.int64) for n in cardinalities]
+    writers = {split: SplitWriter(folder, split, ctr_arrow_schema(NUM_DENSE, NUM_SPARSE)) for split in SPLITS}
+    rows_written: dict[str, int] = {}
+    try:
+        quiet = BadRows(skip_bad_rows, quiet=True)
+        for part in parts:
+            for rows in read_criteo(part.path, quiet, block_bytes):
+                ids = np.stack([map_values(rows.values[f], vocabularies[f]) for f in range(NUM_SPARSE)])
+                codes = part.split_codes(rows.lines)
+                for code, split in enumerate(SPLITS):
+                    mask = codes == code
+                    if not mask.any():
+                        continue
+                    writers[split].write(ctr_table(rows.labels[mask], rows.dense[mask], ids[:, mask]))
+                    if split == "train":
+                        for f in range(NUM_SPARSE):
+                            id_counts[f] += np.bincount(ids[f, mask], minlength=cardinalities[f])
+    finally:
+        for split, writer in writers.items():
+            rows_written[split] = writer.close()
+    if bad.count:
+        log.warning("Skipped %d malformed rows in total.", bad.count)
+    for split, n in rows_written.items():
+        if n == 0:
+            raise ValueError(f"The {split} split is empty: every one of its rows was malformed and skipped.")
+    source: dict[str, object] = {
+        "dataset": "criteo-kaggle" if layout == "kaggle" else "criteo-1tb",
+        "script": "data_scripts.criteo",
+        "inputs": [p.name for p in inputs],
+        "min_count": min_count,
+        "oov_id": OOV_ID,
+        "missing_id": MISSING_ID,
+        "dense_transform": "log(max(x, 0) + 1), empty -> 0",
+        "split": "7 equal days by line: days 1-6 train, day 7 halved val/test"
+        if layout == "kaggle"
+        else "all files but the last train, last file halved val/test",
+        "skipped_rows": bad.count,
+        "columns": {
+            **{f"int_{j}": c for j, c in enumerate(INT_COLUMNS)},
+            **{f"cat_{k}": c for k, c in enumerate(CAT_COLUMNS)},
+        },
+    }
+    return save_dataset(
+        folder,
+        num_dense=NUM_DENSE,
+        cardinalities=cardinalities,
+        rows=rows_written,
+        id_counts=id_counts,
+        source=source,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_scripts.criteo",
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: python -m data_scripts.criteo --input train.txt --output data/criteo_kaggle",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="the Kaggle train.txt (7-day split)")
+    source.add_argument(
+        "--days", type=Path, nargs="+", help="Criteo 1TB day files in day order; the last is halved into val/test"
+    )
+    parser.add_argument("--output", type=Path, required=True, help="dataset folder to write")
+    parser.add_argument(
+        "--min-count", type=int, default=3, help="values seen fewer times in train map to OOV id 0 (default 3)"
+    )
+    parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of failing")
+    parser.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20, help="text read per block")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        prepare_criteo(
+            [args.input] if args.input else args.days,
+            args.output,
+            layout="kaggle" if args.input else "days",
+            min_count=args.min_count,
+            skip_bad_rows=args.skip_bad_rows,
+            block_bytes=max(int(args.block_mb * 2**20), 1),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
