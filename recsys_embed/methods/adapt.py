@@ -29,7 +29,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, largest_fitting, per_value
+from recsys_embed.methods.remap import FanOut, largest_fitting, value_features
 
 log = logging.getLogger(__name__)
 ID_BYTES = 8
@@ -109,17 +109,18 @@ class AdaptiveHotCold(EmbeddingMethod):
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Hot ids -> their own row; cold ids -> ``hot + hash(id) mod cold``; full tables -> the id itself."""
+        feature = value_features(features)
         values = features.values()
-        keys = per_value(self.offset, features) + values
+        keys = self.offset[feature] + values
         if self.hot_keys.numel():
             position = torch.searchsorted(self.hot_keys, keys)
             is_hot = self.hot_keys[position.clamp(max=self.hot_keys.numel() - 1)] == keys
         else:
             position, is_hot = torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
-        hot, cold = per_value(self.hot, features), per_value(self.cold, features)
-        cold_row = hot + hash_to_buckets(values, per_value(self.seeds, features), cold)
-        rows = torch.where(is_hot, position - per_value(self.hot_start, features), cold_row)
-        rows = torch.where(per_value(self.full, features), values, rows)
+        hot, cold = self.hot[feature], self.cold[feature]
+        cold_row = hot + hash_to_buckets(values, self.seeds[feature], cold)
+        rows = torch.where(is_hot, position - self.hot_start[feature], cold_row)
+        rows = torch.where(self.full[feature], values, rows)
         return self.fan_out(features, rows.unsqueeze(0))
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:

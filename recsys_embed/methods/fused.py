@@ -20,20 +20,21 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
 from torch import nn
-from torchrec import EmbeddingBagCollection
-from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
-from torchrec.optim import RowWiseAdagrad
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import TBE_DIM_MULTIPLE
 
 log = logging.getLogger(__name__)
 
-_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adagrad": torch.optim.Adagrad,
-    "rowwise_adagrad": RowWiseAdagrad,
-    "adam": torch.optim.Adam,
+_FBGEMM_OPTIMIZERS = {
+    "sgd": EmbOptimType.EXACT_SGD,
+    "adagrad": EmbOptimType.EXACT_ADAGRAD,
+    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    "adam": EmbOptimType.ADAM,
 }
 
 
@@ -50,42 +51,84 @@ class SparseOptimizer:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        if self.name not in _OPTIMIZERS:
-            raise ValueError(f"Unknown sparse optimizer {self.name!r}; choose one of {sorted(_OPTIMIZERS)}.")
+        if self.name not in _FBGEMM_OPTIMIZERS:
+            raise ValueError(f"Unknown sparse optimizer {self.name!r}; choose one of {sorted(_FBGEMM_OPTIMIZERS)}.")
         if self.lr <= 0:
             raise ValueError(f"Sparse optimizer lr must be positive (got {self.lr}).")
 
-    def torch_type_and_kwargs(self) -> tuple[type[torch.optim.Optimizer], dict[str, float]]:
-        kwargs = {"lr": self.lr} if self.name == "sgd" else {"lr": self.lr, "eps": self.eps}
-        return _OPTIMIZERS[self.name], kwargs
+
+class FusedTables(nn.Module):
+    """fbgemm's table-batched embedding bags with a fused optimizer, behind the ``EmbeddingBagCollection`` API.
+
+    One ``SplitTableBatchedEmbeddingBagsCodegen`` serves all tables: the KJT's values and offsets go to it as they
+    are (no per-feature split), and backward applies the optimizer to the rows read. Each table's rows are exposed
+    as ``embedding_bags.{table}.weight`` (views of the kernel's storage), so state dicts match a plain EBC's.
+    """
+
+    def __init__(
+        self, tables: list[EmbeddingBagConfig], optimizer: SparseOptimizer, device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        device = device or torch.device("cpu")
+        on_gpu = device.type == "cuda"
+        location = EmbeddingLocation.DEVICE if on_gpu else EmbeddingLocation.HOST
+        compute = ComputeDevice.CUDA if on_gpu else ComputeDevice.CPU
+        kwargs = (
+            {"learning_rate": optimizer.lr}
+            if optimizer.name == "sgd"
+            else {"learning_rate": optimizer.lr, "eps": optimizer.eps}
+        )
+        kernel = SplitTableBatchedEmbeddingBagsCodegen(
+            [(t.num_embeddings, t.embedding_dim, location, compute) for t in tables],
+            feature_table_map=[i for i, t in enumerate(tables) for _ in t.feature_names],
+            optimizer=_FBGEMM_OPTIMIZERS[optimizer.name],
+            pooling_mode=PoolingMode.SUM,
+            device=device,
+            **kwargs,
+        )
+        self._kernel = [kernel]  # not a registered child: its state is exposed through embedding_bags below
+        self._tables = list(tables)
+        self._keys = [f for t in tables for f in t.feature_names]
+        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self.embedding_bags = nn.ModuleDict()
+        for table, weight in zip(tables, kernel.split_embedding_weights()):
+            holder = nn.Module()
+            holder.register_parameter("weight", nn.Parameter(weight))
+            self.embedding_bags[table.name] = holder
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._tables
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if features.keys() != self._keys:
+            features = features.permute([features.keys().index(k) for k in self._keys])
+        values = features.values()
+        pooled = self._kernel[0](indices=values, offsets=features.offsets().to(values.dtype))
+        return KeyedTensor(keys=self._keys, length_per_key=self._dims, values=pooled)
 
 
 def fuse_tables(module: nn.Module, optimizer: SparseOptimizer, device: torch.device | None = None) -> int:
-    """Replace every ``EmbeddingBagCollection`` below ``module`` by a fused fbgemm one, keeping the weights.
+    """Replace every ``EmbeddingBagCollection`` below ``module`` by :class:`FusedTables`, keeping the weights.
 
     Returns the number of collections fused. State-dict keys are unchanged, so checkpoints load either way.
     """
-    opt_type, opt_kwargs = optimizer.torch_type_and_kwargs()
     fused = 0
-    if optimizer.name == "adam" and (device is None or device.type == "cpu"):
-        raise ValueError("Sparse optimizer 'adam' needs CUDA (fbgemm has no CPU Adam); use 'rowwise_adagrad' on CPU.")
     for parent in list(module.modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is not EmbeddingBagCollection:
                 continue
             target = device or next(child.parameters()).device
+            if optimizer.name == "adam" and target.type != "cuda":
+                raise ValueError(
+                    "Sparse optimizer 'adam' needs CUDA (fbgemm has no CPU Adam); use 'rowwise_adagrad' on CPU."
+                )
             for table in child.embedding_bag_configs():
                 if table.embedding_dim % TBE_DIM_MULTIPLE:
                     raise ValueError(
                         f"Table {table.name!r} has embedding_dim {table.embedding_dim}: fbgemm's table-batched kernels "
                         f"need a multiple of {TBE_DIM_MULTIPLE}; change the dim (or the method's dim options)."
                     )
-            replacement = FusedEmbeddingBagCollection(
-                tables=child.embedding_bag_configs(),
-                optimizer_type=opt_type,
-                optimizer_kwargs=opt_kwargs,
-                device=target,
-            )
+            replacement = FusedTables(child.embedding_bag_configs(), optimizer, target)
             replacement.load_state_dict(child.state_dict())
             setattr(parent, child_name, replacement)
             fused += 1
@@ -98,7 +141,7 @@ def sparse_parameter_ids(module: nn.Module) -> set[int]:
     """ids of the parameters that a fused or plain embedding collection owns."""
     ids: set[int] = set()
     for child in module.modules():
-        if isinstance(child, FusedEmbeddingBagCollection):
+        if isinstance(child, FusedTables):
             ids.update(id(p) for p in child.parameters())
     return ids
 

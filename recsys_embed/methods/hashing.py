@@ -29,7 +29,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, largest_fitting, per_value
+from recsys_embed.methods.remap import FanOut, largest_fitting, value_features
 
 log = logging.getLogger(__name__)
 SEED_BYTES = 8
@@ -87,13 +87,14 @@ class HashEmbedding(EmbeddingMethod):
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The KJT with every id replaced by its physical row."""
+        feature = value_features(features)
         values = features.values()
-        buckets = per_value(self.buckets, features)
+        buckets = self.buckets[feature]
         if self.hash_name == "identity":
             rows = torch.remainder(values, buckets)
         else:
-            hashed = hash_to_buckets(values, per_value(self.seeds, features), buckets)
-            rows = torch.where(per_value(self.hashed, features), hashed, values)
+            hashed = hash_to_buckets(values, self.seeds[feature], buckets)
+            rows = torch.where(self.hashed[feature], hashed, values)
         return self.fan_out(features, rows.unsqueeze(0))
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:

@@ -28,7 +28,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, per_value, sum_copies
+from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, sum_copies, value_features
 
 log = logging.getLogger(__name__)
 SEED_BYTES = 8
@@ -80,9 +80,10 @@ class MultiHashEmbedding(EmbeddingMethod):
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Physical KJT: ``k`` copies of every hashed feature (``f@0..f@{k-1}``), one for full tables."""
+        feature = value_features(features)
         values = features.values()
-        seeds, buckets = per_value(self.seeds, features), per_value(self.buckets, features)
-        hashed = per_value(self.hashed, features)
+        seeds, buckets = self.seeds[feature], self.buckets[feature]
+        hashed = self.hashed[feature]
         rows = torch.stack(
             [torch.where(hashed, hash_to_buckets(values, seeds[:, c], buckets), values) for c in range(self.num_hashes)]
         )

@@ -38,7 +38,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, per_value, sum_copies
+from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, sum_copies, value_features
 
 log = logging.getLogger(__name__)
 Operation = Literal["mult", "add", "concat"]
@@ -124,8 +124,9 @@ class QREmbedding(EmbeddingMethod):
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Physical KJT: partition ``c`` of feature ``f`` is ``f@c``, rows offset by ``c * base``."""
+        feature = value_features(features)
         values = features.values()
-        base = per_value(self.base, features)
+        base = self.base[feature]
         rows, rest = [], values
         for c in range(self.partitions - 1):
             rows.append(c * base + torch.remainder(rest, base))
@@ -140,9 +141,12 @@ class QREmbedding(EmbeddingMethod):
             combined = pooled
         elif self.operation == "add":
             combined = sum_copies(pooled, dims, [k] * len(dims))
+        elif len(set(dims)) == 1:  # a product of k slices (``prod``'s backward is slow and zero-sensitive)
+            parts = pooled.view(batch, len(dims), k, dims[0]).unbind(2)
+            combined = math.prod(parts[1:], start=parts[0]).reshape(batch, -1)
         else:
-            parts = torch.split(pooled, [k * d for d in dims], dim=1)
-            combined = torch.cat([p.view(batch, k, d).prod(1) for p, d in zip(parts, dims)], dim=1)
+            split = torch.split(pooled, [k * d for d in dims], dim=1)
+            combined = torch.cat([math.prod(p.view(batch, k, d).unbind(1)) for p, d in zip(split, dims)], dim=1)
         return keyed(combined, self._feature_names, dims)
 
     def memory_bytes(self) -> int:

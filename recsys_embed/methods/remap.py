@@ -16,10 +16,11 @@ def physical_keys(features: list[str], copies: list[int]) -> list[str]:
     return [f if k == 1 else f"{f}@{c}" for f, k in zip(features, copies) for c in range(k)]
 
 
-def per_value(per_key: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
-    """Broadcast a per-feature tensor to every id of the KJT (ids are feature-major)."""
-    lengths = torch.tensor(features.length_per_key(), device=per_key.device)
-    return per_key.repeat_interleave(lengths, dim=0, output_size=features.values().numel())
+def value_features(features: KeyedJaggedTensor) -> torch.Tensor:
+    """The feature index of every id of the KJT (ids are feature-major); ``per_feature[index]`` broadcasts."""
+    values = features.values()
+    lengths = torch.tensor(features.length_per_key(), device=values.device)
+    return torch.arange(len(lengths), device=values.device).repeat_interleave(lengths, output_size=values.numel())
 
 
 class FanOut:
@@ -66,8 +67,10 @@ def sum_copies(pooled: torch.Tensor, dims: list[int], copies: list[int]) -> torc
     batch = pooled.shape[0]
     if len(set(dims)) == 1 and len(set(copies)) == 1:
         return pooled.view(batch, len(dims), copies[0], dims[0]).sum(2).reshape(batch, -1)
-    parts = torch.split(pooled, [k * d for k, d in zip(copies, dims)], dim=1)
-    return torch.cat([p.view(batch, k, d).sum(1) for p, k, d in zip(parts, copies, dims)], dim=1)
+    starts = [sum(dims[:i]) for i in range(len(dims))]
+    target = [s + j for s, d, k in zip(starts, dims, copies) for _ in range(k) for j in range(d)]
+    columns = torch.tensor(target, device=pooled.device)
+    return pooled.new_zeros(batch, sum(dims)).index_add_(1, columns, pooled)
 
 
 def keyed(values: torch.Tensor, keys: list[str], dims: list[int]) -> KeyedTensor:

@@ -31,7 +31,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, keyed, per_value
+from recsys_embed.methods.remap import FanOut, keyed, value_features
 
 log = logging.getLogger(__name__)
 SEED_BYTES = 8
@@ -84,12 +84,13 @@ class UnifiedEmbedding(EmbeddingMethod):
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Physical KJT: chunk ``c`` of feature ``f`` is ``f@c`` (``f`` itself for one chunk)."""
+        feature = value_features(features)
         values = features.values()
         if self.hash_name == "identity":
-            offsets = per_value(self.offsets, features)
+            offsets = self.offsets[feature]
             rows = torch.remainder(offsets + values.unsqueeze(1), self.rows).T
         else:
-            seeds = per_value(self.seeds, features)
+            seeds = self.seeds[feature]
             rows = torch.stack([hash_to_buckets(values, seeds[:, c], self.rows) for c in range(seeds.shape[1])])
         return self.fan_out(features, rows)
 
