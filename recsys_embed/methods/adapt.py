@@ -7,8 +7,8 @@ are a hashed table shared by all remaining ids. Tables with ``n <= rows`` stay f
 sorted int64 array (a lookup is a vectorized ``searchsorted``); frequencies come from the data's
 ``id_counts.npz`` (``CTRDataModule.id_counts()``).
 
-Memory: ``sum_t min(n_t, rows) * d_t * 4 + 8 * #hot ids + 8 * #features`` bytes (rows, the sorted hot ids, one
-int64 seed per feature). Hot ids are chosen per table (counts of a table's features added). The budget solver
+Memory: ``sum_t min(n_t, rows) * d_t * 4 + 8 * #hot ids + 8 * #tables`` bytes (rows, the sorted hot ids, one
+int64 seed per table). Hot ids are chosen per table (counts of a table's features added). The budget solver
 picks the largest ``rows`` that fits.
 
 Example::
@@ -73,7 +73,7 @@ class AdaptiveHotCold(EmbeddingMethod):
         dev = torch.device(device or "cpu")
         keys = np.concatenate(hot_keys) if hot_keys else np.zeros(0, dtype=np.int64)
         self.register_buffer("hot_keys", torch.as_tensor(keys, dtype=torch.int64, device=dev))
-        self.register_buffer("seeds", seed * 1_000_003 + torch.arange(len(self._feature_names), device=dev))
+        self.register_buffer("seeds", seed * 1_000_003 + torch.arange(len(self._tables), device=dev))  # per table
         index = {t.name: i for i, t in enumerate(self._tables)}
         table_of = [index[self._table_of[f]] for f in self._feature_names]
         hot_start = np.cumsum([0, *hot])[:-1]
@@ -84,6 +84,7 @@ class AdaptiveHotCold(EmbeddingMethod):
             "cold": [min(t.num_embeddings, rows) - h for t, h in zip(self._tables, hot)],
             "full": [t.num_embeddings <= rows for t in self._tables],
         }
+        self.register_buffer("feature_table", torch.tensor(table_of, device=dev), persistent=False)
         for name, values in per_table.items():  # one entry per feature, from its table
             self.register_buffer(name, torch.tensor([values[i] for i in table_of], device=dev), persistent=False)
         physical = [replace(t, num_embeddings=min(t.num_embeddings, rows)) for t in self._tables]
@@ -118,7 +119,7 @@ class AdaptiveHotCold(EmbeddingMethod):
         else:
             position, is_hot = torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
         hot, cold = self.hot[feature], self.cold[feature]
-        cold_row = hot + hash_to_buckets(values, self.seeds[feature], cold)
+        cold_row = hot + hash_to_buckets(values, self.seeds[self.feature_table][feature], cold)
         rows = torch.where(is_hot, position - self.hot_start[feature], cold_row)
         rows = torch.where(self.full[feature], values, rows)
         return self.fan_out(features, rows.unsqueeze(0))
@@ -133,7 +134,7 @@ class AdaptiveHotCold(EmbeddingMethod):
     def rows_bytes(tables: Sequence[EmbeddingBagConfig], rows: int, hot_share: float) -> int:
         total = 0
         for t in tables:
-            total += min(t.num_embeddings, rows) * t.embedding_dim * FP32_BYTES + ID_BYTES * len(t.feature_names)
+            total += min(t.num_embeddings, rows) * t.embedding_dim * FP32_BYTES + ID_BYTES  # rows + the seed
             total += ID_BYTES * hot_rows(t.num_embeddings, rows, hot_share)
         return total
 

@@ -106,8 +106,6 @@ class EmbeddingMethod(nn.Module):
 
     #: the registered name (set by :func:`recsys_embed.methods.registry.register`)
     name: ClassVar[str] = ""
-    #: whether ids outside ``[0, num_embeddings)`` are part of the method's definition (hashing) or an error
-    accepts_any_id: ClassVar[bool] = False
     #: whether the method needs per-id frequencies (``id_counts=``, from the data's ``id_counts.npz``)
     needs_id_counts: ClassVar[bool] = False
 
@@ -118,7 +116,10 @@ class EmbeddingMethod(nn.Module):
         self._length_per_key = [t.embedding_dim for t in self._tables for _ in t.feature_names]
         self._cardinality = {f: t.num_embeddings for t in self._tables for f in t.feature_names}
         self._table_of = {f: t.name for t in self._tables for f in t.feature_names}
+        self._table_index = [i for i, t in enumerate(self._tables) for _ in t.feature_names]  # per feature
         self.validate_ids = validate_ids
+        #: features whose ids may exceed the cardinality because the method hashes them (set by the method)
+        self.unbounded_features: set[str] = set()
 
     # ---- the TorchRec EBC surface -------------------------------------------------------------------------
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
@@ -196,7 +197,7 @@ class EmbeddingMethod(nn.Module):
                     f"Feature {key!r} (table {self._table_of[key]!r}) has negative id {low}; ids must be >= 0. "
                     "Map missing values to a reserved id when preparing the data."
                 )
-            if not self.accepts_any_id and high >= self._cardinality[key]:
+            if key not in self.unbounded_features and high >= self._cardinality[key]:
                 raise ValueError(
                     f"Feature {key!r} (table {self._table_of[key]!r}) has id {high} outside "
                     f"[0, {self._cardinality[key]}); raise num_embeddings in the table config, map rare/unseen ids "

@@ -5,10 +5,12 @@ with ``n`` ids reads row ``h_t(x) mod m`` of a table of ``m = min(n, rows)`` row
 ``h_t``. Tables with ``n <= rows`` keep one row per id (no hashing, no collision). With ``shared=True`` all
 features share one table of ``rows`` rows, each with its own seed (all dims must be equal).
 
-Memory: ``sum_t min(n_t, rows) * d_t * 4 + 8 * #features`` bytes (rows plus one int64 seed per feature), or
-``rows * d * 4 + 8 * #features`` when shared. The budget solver picks the largest ``rows`` that fits.
+Memory: ``sum_t min(n_t, rows) * d_t * 4 + 8 * #tables`` bytes (rows plus one int64 seed per logical table, so
+features of one table hash alike), or ``rows * d * 4 + 8 * #tables`` when shared. The budget solver picks the
+largest ``rows`` that fits.
 
-Ids may be any int64 >= 0 (also above the declared cardinality): hashing wraps them by definition.
+Ids of hashed tables may be any int64 >= 0 (also above the declared cardinality): hashing wraps them by
+definition. Tables kept full still reject ids outside ``[0, n)``.
 
 Example::
 
@@ -38,8 +40,6 @@ SEED_BYTES = 8
 @register("hash")
 class HashEmbedding(EmbeddingMethod):
     """Hashing trick: ``min(n, rows)`` rows per table (or one shared table of ``rows`` rows)."""
-
-    accepts_any_id = True
 
     def __init__(
         self,
@@ -78,8 +78,11 @@ class HashEmbedding(EmbeddingMethod):
             buckets = [per_table[self._table_of[f]][0] for f in self._feature_names]
             hashed = [per_table[self._table_of[f]][1] for f in self._feature_names]
         dev = torch.device(device or "cpu")
-        seeds = [seed * 1_000_003 + i for i in range(len(self._feature_names))]
+        wraps = [h or hash == "identity" for h in hashed]  # identity is ``id mod m`` on every table
+        self.unbounded_features = {f for f, w in zip(self._feature_names, wraps) if w}
+        seeds = [seed * 1_000_003 + i for i in range(len(self._tables))]  # per logical table: its features agree
         self.register_buffer("seeds", torch.tensor(seeds, dtype=torch.int64, device=dev))
+        self.register_buffer("feature_table", torch.tensor(self._table_index, device=dev), persistent=False)
         self.register_buffer("buckets", torch.tensor(buckets, dtype=torch.int64, device=dev), persistent=False)
         self.register_buffer("hashed", torch.tensor(hashed, dtype=torch.bool, device=dev), persistent=False)
         self.tables = EmbeddingBagCollection(tables=physical, device=dev)
@@ -93,7 +96,7 @@ class HashEmbedding(EmbeddingMethod):
         if self.hash_name == "identity":
             rows = torch.remainder(values, buckets)
         else:
-            hashed = hash_to_buckets(values, self.seeds[feature], buckets)
+            hashed = hash_to_buckets(values, self.seeds[self.feature_table][feature], buckets)
             rows = torch.where(self.hashed[feature], hashed, values)
         return self.fan_out(features, rows.unsqueeze(0))
 
@@ -106,7 +109,7 @@ class HashEmbedding(EmbeddingMethod):
     @staticmethod
     def rows_bytes(tables: Sequence[EmbeddingBagConfig], rows: int, shared: bool) -> int:
         """The memory formula for a given ``rows`` (used by the budget solver)."""
-        seeds = SEED_BYTES * sum(len(t.feature_names) for t in tables)
+        seeds = SEED_BYTES * len(tables)
         if shared:
             return rows * tables[0].embedding_dim * FP32_BYTES + seeds
         return sum(min(t.num_embeddings, rows) * t.embedding_dim * FP32_BYTES for t in tables) + seeds

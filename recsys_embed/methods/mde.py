@@ -72,9 +72,12 @@ class MixedDimEmbedding(EmbeddingMethod):
             raise ValueError(f"Method 'mde' needs alpha >= 0 (got {alpha}).")
         self.dims = list(dims) if dims is not None else mixed_dims(self._tables, alpha)
         if len(self.dims) != len(self._tables) or any(
-            not 1 <= d <= t.embedding_dim for d, t in zip(self.dims, self._tables)
+            not 1 <= d <= t.embedding_dim or d % TBE_DIM_MULTIPLE for d, t in zip(self.dims, self._tables)
         ):
-            raise ValueError(f"Method 'mde': dims must give one value in [1, embedding_dim] per table (got {dims}).")
+            raise ValueError(
+                f"Method 'mde': dims must give one value per table in [4, embedding_dim], a multiple of "
+                f"{TBE_DIM_MULTIPLE} for fbgemm (got {dims})."
+            )
         self.alpha = alpha
         dev = torch.device(device or "cpu")
         physical = [replace(t, embedding_dim=d) for t, d in zip(self._tables, self.dims)]

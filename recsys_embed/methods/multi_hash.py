@@ -6,9 +6,9 @@ Idea (hash embeddings, Svenstrup et al., NeurIPS'17; spaCy/thinc ``HashEmbed`` u
 row per id (no hashing). Implemented as ``k`` physical features per logical feature on one TorchRec table, so
 fbgemm pools the ``k`` rows of every bag and the combine is a reshape-sum.
 
-Memory: ``sum_t min(n_t, rows) * d_t * 4 + 8 * k * #features`` bytes (rows plus the int64 seeds). The budget
-solver picks the largest ``rows`` that fits. Initialisation divides the rows' range by ``sqrt(k)`` so a sum of
-``k`` rows has a full table's scale.
+Memory: ``sum_t min(n_t, rows) * d_t * 4 + 8 * k * #tables`` bytes (rows plus k int64 seeds per logical
+table). The budget solver picks the largest ``rows`` that fits. Initialisation divides the rows' range by
+``sqrt(k)`` so a sum of ``k`` rows has a full table's scale.
 
 Example::
 
@@ -38,8 +38,6 @@ SEED_BYTES = 8
 class MultiHashEmbedding(EmbeddingMethod):
     """``k`` seeded hashes into ``min(n, rows)`` rows per table, the ``k`` rows summed."""
 
-    accepts_any_id = True
-
     def __init__(
         self,
         tables: Sequence[EmbeddingBagConfig],
@@ -64,8 +62,10 @@ class MultiHashEmbedding(EmbeddingMethod):
             names = [next(keys) for f in t.feature_names for _ in range(self.copies[self._feature_names.index(f)])]
             physical.append(replace(t, num_embeddings=min(t.num_embeddings, rows), feature_names=names))
         self.tables = EmbeddingBagCollection(tables=physical, device=dev)
-        seeds = torch.arange(len(self._feature_names) * num_hashes, dtype=torch.int64) + seed * 1_000_003
-        self.register_buffer("seeds", seeds.view(-1, num_hashes).to(dev))
+        self.unbounded_features = {f for f, h in zip(self._feature_names, hashed) if h}
+        seeds = torch.arange(len(self._tables) * num_hashes, dtype=torch.int64) + seed * 1_000_003
+        self.register_buffer("seeds", seeds.view(-1, num_hashes).to(dev))  # per logical table and hash
+        self.register_buffer("feature_table", torch.tensor(self._table_index, device=dev), persistent=False)
         self.register_buffer(
             "buckets",
             torch.tensor([min(self._cardinality[f], rows) for f in self._feature_names], device=dev),
@@ -82,7 +82,7 @@ class MultiHashEmbedding(EmbeddingMethod):
         """Physical KJT: ``k`` copies of every hashed feature (``f@0..f@{k-1}``), one for full tables."""
         feature = value_features(features)
         values = features.values()
-        seeds, buckets = self.seeds[feature], self.buckets[feature]
+        seeds, buckets = self.seeds[self.feature_table][feature], self.buckets[feature]
         hashed = self.hashed[feature]
         rows = torch.stack(
             [torch.where(hashed, hash_to_buckets(values, seeds[:, c], buckets), values) for c in range(self.num_hashes)]
@@ -98,9 +98,8 @@ class MultiHashEmbedding(EmbeddingMethod):
 
     @staticmethod
     def rows_bytes(tables: Sequence[EmbeddingBagConfig], rows: int, num_hashes: int) -> int:
-        features = sum(len(t.feature_names) for t in tables)
         table_bytes = sum(min(t.num_embeddings, rows) * t.embedding_dim * FP32_BYTES for t in tables)
-        return table_bytes + SEED_BYTES * num_hashes * features
+        return table_bytes + SEED_BYTES * num_hashes * len(tables)
 
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> MultiHashEmbedding:

@@ -50,18 +50,15 @@ def partition_rows(n: int, base: int, k: int) -> int:
 
 
 def smallest_base(n: int, k: int, cap: int) -> int | None:
-    """The smallest base whose partitions fit ``cap`` rows (fewest collisions), or None if none does."""
-    top = max(1, math.ceil(n ** (1.0 / k)))  # rows stop shrinking beyond the k-th root
-    if partition_rows(n, top, k) > cap and partition_rows(n, top + 1, k) > cap:
-        return None
-    low, high = 1, top + 1
-    while low < high:
-        mid = (low + high) // 2
-        if partition_rows(n, mid, k) <= cap:
-            high = mid
-        else:
-            low = mid + 1
-    return low
+    """The smallest base whose partitions fit ``cap`` rows (fewest collisions), or None if none does.
+
+    Rows are not monotone in the base for ``k >= 3``, so every base up to just past the k-th root is checked
+    (rows only grow beyond it).
+    """
+    for base in range(1, math.ceil(n ** (1.0 / k)) + 2):
+        if partition_rows(n, base, k) <= cap:
+            return base
+    return None
 
 
 @register("qr")
@@ -189,9 +186,9 @@ class QREmbedding(EmbeddingMethod):
         smallest = cls.table_bytes(tables, floor_bases, k, operation)  # type: ignore[arg-type]
         if smallest > allowed:
             raise ValueError(
-                f"Method 'qr' with {k} partitions cannot fit {allowed} bytes: its smallest form needs {smallest} "
-                f"bytes (ratio {full_bytes(tables) / smallest:.1f}). Ask for at least {smallest} bytes, or use "
-                f"more partitions (partitions={k + 1})."
+                f"Method 'qr' with {k} partitions cannot fit {allowed} bytes: the budget solver (one row cap for all "
+                f"tables) reaches at least {smallest} bytes (ratio {full_bytes(tables) / smallest:.1f}). Ask for at "
+                f"least {smallest} bytes, use more partitions (partitions={k + 1}), or set per-table collisions=[...]."
             )
         cap = largest_fitting(fits, floor_cap, max(t.num_embeddings for t in tables) + k)
         method = cls(tables, collisions=bases_for(cap), **options)  # type: ignore[arg-type]

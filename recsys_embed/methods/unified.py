@@ -7,9 +7,10 @@ from ``d / chunk_dim`` chunks (multi-probe), each with an independent hash, conc
 different dims share one table. Implemented as one TorchRec table read by one physical feature per chunk.
 
 ``hash="identity"`` places the chunks of every feature at consecutive offsets (``(offset + id) mod rows``), which
-with enough rows is collision-free (a full table, used by the parity test).
+with ``rows >= sum_f n_f * chunks_f`` is collision-free (a full table, used by the parity test).
 
-Memory: ``rows * chunk_dim * 4 + 8 * #chunks`` bytes (the table plus one int64 seed per feature chunk). The budget
+Memory: ``rows * chunk_dim * 4 + 8 * #features * max_chunks`` bytes (the table plus an int64 seed for each
+feature and chunk slot, ``max_chunks = max(d) / chunk_dim``). The budget
 solver picks the largest ``rows`` that fits.
 
 Example::
@@ -41,8 +42,6 @@ SEED_BYTES = 8
 class UnifiedEmbedding(EmbeddingMethod):
     """One shared ``rows x chunk_dim`` table; each feature chunk has its own hash into it."""
 
-    accepts_any_id = True
-
     def __init__(
         self,
         tables: Sequence[EmbeddingBagConfig],
@@ -55,6 +54,10 @@ class UnifiedEmbedding(EmbeddingMethod):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__(tables, validate_ids=validate_ids)
+        if chunk_dim is not None and chunk_dim <= 0:
+            raise ValueError(
+                f"Method 'unified': chunk_dim must be positive, or None for the dims' gcd (got {chunk_dim})."
+            )
         chunk_dim = chunk_dim or math.gcd(*[t.embedding_dim for t in self._tables])
         if rows < 1 or chunk_dim % TBE_DIM_MULTIPLE or any(t.embedding_dim % chunk_dim for t in self._tables):
             raise ValueError(
@@ -66,6 +69,7 @@ class UnifiedEmbedding(EmbeddingMethod):
             raise ValueError(f"Method 'unified': unknown hash {hash!r}; use 'splitmix64' or 'identity'.")
         self.rows, self.chunk_dim, self.hash_name = rows, chunk_dim, hash
         self.chunks = [self._length_per_key[i] // chunk_dim for i in range(len(self._feature_names))]
+        self.unbounded_features = set(self._feature_names)
         self.fan_out = FanOut(self._feature_names, self.chunks)
         dev = torch.device(device or "cpu")
         shared = EmbeddingBagConfig(
@@ -76,7 +80,8 @@ class UnifiedEmbedding(EmbeddingMethod):
         seeds = seed * 1_000_003 + torch.arange(len(self._feature_names) * most).view(-1, most)
         self.register_buffer("seeds", seeds.to(dev))
         cards = [self._cardinality[f] for f in self._feature_names]
-        offsets = torch.tensor([[sum(cards[:i]) * most + c * n for c in range(most)] for i, n in enumerate(cards)])
+        starts = [sum(n * k for n, k in zip(cards[:i], self.chunks[:i])) for i in range(len(cards))]
+        offsets = torch.tensor([[start + c * n for c in range(most)] for start, n in zip(starts, cards)])
         self.register_buffer("offsets", offsets.to(dev), persistent=False)
         with torch.no_grad():
             bound = math.sqrt(1.0 / max(cards))
