@@ -117,7 +117,7 @@ def main() -> None:
         serving = build(name, tables, args.ratio, counts)
         fuse_tables(serving, SparseOptimizer())
         with torch.no_grad():
-            infer_ms = median_ms(lambda b: serving(b.sparse), batches, args.steps)
+            infer_ms = median_ms(lambda b, module=serving: module(b.sparse), batches, args.steps)
         rows.append((name, serving.compression_ratio(), fused_ms, plain_ms, infer_ms))
         print(f"  measured {name}", flush=True)
     full_ms = rows[0][2]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from recsys_embed.data import SyntheticConfig, generate_synthetic
+from recsys_embed.methods import Budget, method_class
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -28,6 +30,15 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_synthetic")
     generate_synthetic(folder, TINY_SYNTHETIC)
     return folder
+
+
+#: the ratio each method is built at on the small test tables (mde cannot go below dim 4 on dim-8 tables)
+TEST_RATIO = {"full": 1.0, "mde": 1.5}
+
+
+def budget_for(name: str, default: float = 4.0) -> Budget:
+    """The budget a registered method is built with in the registry-wide tests."""
+    return Budget(ratio=TEST_RATIO.get(name, default))
 
 
 def make_tables(cards: tuple[int, ...] = (7, 50, 3000), dim: int = 8) -> list[EmbeddingBagConfig]:
@@ -56,10 +67,8 @@ def random_kjt(
     )
 
 
-def zipf_counts(tables: list[EmbeddingBagConfig], seed: int = 0) -> dict[str, "np.ndarray"]:
+def zipf_counts(tables: list[EmbeddingBagConfig], seed: int = 0) -> dict[str, np.ndarray]:
     """Zipf-like id counts for every feature (for frequency-aware methods)."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     return {
         f: rng.permutation(np.round(1000.0 / np.arange(1, t.num_embeddings + 1)).astype(np.int64))
@@ -70,6 +79,4 @@ def zipf_counts(tables: list[EmbeddingBagConfig], seed: int = 0) -> dict[str, "n
 
 def method_options(name: str, tables: list[EmbeddingBagConfig]) -> dict[str, object]:
     """Extra options a registered method needs to build on test tables (e.g. id counts)."""
-    from recsys_embed.methods import method_class
-
     return {"id_counts": zipf_counts(tables)} if method_class(name).needs_id_counts else {}

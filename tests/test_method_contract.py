@@ -8,17 +8,15 @@ import pytest
 import torch
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 
-from recsys_embed.methods import Budget, EmbeddingMethod, SparseOptimizer, available_methods, build_embedding
+from recsys_embed.methods import EmbeddingMethod, SparseOptimizer, available_methods, build_embedding
 from recsys_embed.methods.fused import fuse_tables
-from tests.conftest import make_tables, method_options, random_kjt
-
-RATIO = {"full": 1.0, "mde": 1.5}  # mde cannot go below dim 4 on these dim-8 tables
+from tests.conftest import budget_for, make_tables, method_options, random_kjt
 
 
 def build(name: str, seed: int = 0) -> EmbeddingMethod:
     torch.manual_seed(seed)
     tables = make_tables()
-    return build_embedding(name, tables, budget=Budget(ratio=RATIO.get(name, 4.0)), **method_options(name, tables))
+    return build_embedding(name, tables, budget=budget_for(name), **method_options(name, tables))
 
 
 def stored_bytes(module: torch.nn.Module) -> int:
@@ -51,7 +49,7 @@ def test_gradients_are_finite(name: str) -> None:
 def test_memory_is_within_budget_and_equals_stored_tensors(name: str) -> None:
     emb = build(name)
     tables = make_tables()
-    assert emb.memory_bytes() <= Budget(ratio=RATIO.get(name, 4.0)).max_bytes(tables)
+    assert emb.memory_bytes() <= budget_for(name).max_bytes(tables)
     assert emb.memory_bytes() == stored_bytes(emb)
     assert emb.compression_ratio() == pytest.approx(emb.full_bytes() / emb.memory_bytes())
 
@@ -112,7 +110,7 @@ def test_loss_decreases_on_a_tiny_task(name: str, fused: bool) -> None:
     """Regress each bag's sum onto a fixed random target; the method must fit it better after training."""
     tables = make_tables((7, 50, 3000), dim=8)
     torch.manual_seed(0)
-    emb = build_embedding(name, tables, budget=Budget(ratio=RATIO.get(name, 2.0)), **method_options(name, tables))
+    emb = build_embedding(name, tables, budget=budget_for(name, 2.0), **method_options(name, tables))
     kjt = random_kjt(tables, batch=64, seed=4, allow_empty=False)
     target = torch.randn(64, sum(t.embedding_dim for t in tables), generator=torch.Generator().manual_seed(5))
     dense_opt = None

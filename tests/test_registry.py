@@ -6,7 +6,7 @@ import pytest
 
 from recsys_embed.methods import Budget, EmbeddingMethod, available_methods, build_embedding, method_class
 from recsys_embed.methods.registry import register
-from tests.conftest import make_tables, method_options
+from tests.conftest import budget_for, make_tables, method_options
 
 
 def _all_subclasses(cls: type) -> set[type]:
@@ -26,10 +26,9 @@ def test_every_method_class_is_registered() -> None:
 @pytest.mark.parametrize("name", available_methods())
 def test_every_registered_name_builds_from_a_budget(name: str) -> None:
     tables = make_tables()
-    ratio = {"full": 1, "mde": 1.5}.get(name, 4)
-    emb = build_embedding(name, tables, budget=Budget(ratio=ratio), **method_options(name, tables))
+    emb = build_embedding(name, tables, budget=budget_for(name), **method_options(name, tables))
     assert isinstance(emb, EmbeddingMethod)
-    assert emb.memory_bytes() <= Budget(ratio=ratio).max_bytes(tables)
+    assert emb.memory_bytes() <= budget_for(name).max_bytes(tables)
 
 
 def test_unknown_method_lists_known_ones() -> None:

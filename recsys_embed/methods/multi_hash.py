@@ -28,7 +28,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, sum_copies, value_features
+from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, physical_keys, sum_copies, value_features
 
 log = logging.getLogger(__name__)
 SEED_BYTES = 8
@@ -56,10 +56,10 @@ class MultiHashEmbedding(EmbeddingMethod):
         hashed = [self._cardinality[f] > rows for f in self._feature_names]
         self.copies = [num_hashes if h else 1 for h in hashed]
         self.fan_out = FanOut(self._feature_names, self.copies)
-        keys = iter(self.fan_out.keys)
         physical = []
         for t in self._tables:
-            names = [next(keys) for f in t.feature_names for _ in range(self.copies[self._feature_names.index(f)])]
+            copies = [num_hashes if t.num_embeddings > rows else 1] * len(t.feature_names)
+            names = physical_keys(t.feature_names, copies)
             physical.append(replace(t, num_embeddings=min(t.num_embeddings, rows), feature_names=names))
         self.tables = EmbeddingBagCollection(tables=physical, device=dev)
         self.unbounded_features = {f for f, h in zip(self._feature_names, hashed) if h}

@@ -122,9 +122,10 @@ class DCNv2(_CrossAndDeep):
     ``structure="stacked"``: ``logit = Linear(MLP(x_L))``; ``"parallel"``: ``logit = Linear([x_L, MLP(x0)])``.
     The paper's mixture of low-rank experts (DCN-Mix) is not implemented.
 
-    Input ``x0 = [e_1, ..., e_F, x_dense]``: as in the paper the embeddings are concatenated, so tables may have
-    different embedding dims (the paper notes DCN-v2 accepts arbitrary embedding sizes); raw dense features are
-    concatenated; ``num_dense == 0`` is supported. No first-order per-id weights are used.
+    Input ``x0 = [e_1, ..., e_F, x_dense]``: as in the paper's embedding layer the field embeddings are concatenated,
+    so no common dim is needed and tables may have different embedding dims; the dense features are concatenated
+    as they come (the paper assumes them normalised; the data scripts' transform decides); ``num_dense == 0`` is
+    supported. No first-order per-id weights are used.
 
     Shapes: dense ``(B, num_dense)``, sparse KJT with the tables' features -> logits ``(B,)``.
 
