@@ -58,8 +58,18 @@ def all_features_kjt(
 
 
 def physical_ids(emb: EmbeddingMethod, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-    """Physical key -> its remapped rows (in the input's id order)."""
-    return {k: v.values() for k, v in emb.remap(kjt).to_dict().items()}  # type: ignore[attr-defined]
+    """Physical key -> its remapped rows (in the input's id order).
+
+    Methods that fold their ``k`` rows into each bag (``multi_hash``) are split back into keys ``f@c``; this needs
+    one id per bag, which is how these tests call it.
+    """
+    remapped = {k: v.values() for k, v in emb.remap(kjt).to_dict().items()}  # type: ignore[attr-defined]
+    fold = getattr(emb, "fold", None)
+    if fold is None:
+        return remapped
+    return {
+        f"{f}@{c}": remapped[f].view(-1, k)[:, c] for f, k in zip(fold.features, fold.copies.tolist()) for c in range(k)
+    }
 
 
 def weight(emb: EmbeddingMethod, table_name: str) -> torch.Tensor:
@@ -333,11 +343,12 @@ def test_multi_hash_seeds_are_independent(million_rows: torch.Tensor) -> None:
 def test_multi_hash_small_tables_stay_full_and_unhashed() -> None:
     tables = make_tables((7, 50, 3000), dim=4)
     emb = build_embedding("multi_hash", tables, rows=100, num_hashes=3)
-    assert emb.fan_out.keys == ["f0", "f1", "f2@0", "f2@1", "f2@2"]
+    assert emb.fold.copies.tolist() == [1, 1, 3]
     assert [t.num_embeddings for t in emb.tables.embedding_bag_configs()] == [7, 50, 100]
     kjt = one_id_per_bag({"f0": torch.arange(7), "f1": torch.arange(50), "f2": torch.arange(3000)})
     rows = physical_ids(emb, kjt)
-    assert rows["f0"].tolist() == list(range(7)) and rows["f1"].tolist() == list(range(50))
+    assert rows["f0@0"].tolist() == list(range(7)) and rows["f1@0"].tolist() == list(range(50))
+    assert not {f"f{i}@{c}" for i in (0, 1) for c in (1, 2)} & set(rows)  # full tables: one row per id
     assert all(rows[f"f2@{c}"].max() < 100 for c in range(3))
     assert emb.memory_bytes() == (7 + 50 + 100) * 4 * 4 + 8 * 3 * 3
 
@@ -384,15 +395,16 @@ def test_unified_multi_probe_and_mixed_dims_share_one_table() -> None:
     physical = uni.tables.embedding_bag_configs()
     assert len(physical) == 1
     assert (physical[0].num_embeddings, physical[0].embedding_dim) == (500, 8)
-    assert physical[0].feature_names == ["f0", "f1@0", "f1@1"]
+    assert physical[0].feature_names == ["f0@0", "f0@1", "f1@0", "f1@1"]
     ids = {"f0": torch.arange(50), "f1": torch.arange(3000)}
     rows = physical_ids(uni, one_id_per_bag(ids))
+    assert rows["f0@1"].numel() == 0  # f0 has one chunk: its second slot is muted
     assert (rows["f1@0"] == rows["f1@1"]).double().mean().item() < 0.01  # ~1/500: the chunks probe different rows
     out = uni(one_id_per_bag(ids))
     assert out.length_per_key() == [8, 16]
     w = weight(uni, "unified").detach()
     torch.testing.assert_close(out.to_dict()["f1"], torch.cat([w[rows["f1@0"]], w[rows["f1@1"]]], dim=1))
-    torch.testing.assert_close(out.to_dict()["f0"][:50], w[rows["f0"]])
+    torch.testing.assert_close(out.to_dict()["f0"][:50], w[rows["f0@0"]])
 
 
 def test_unified_identity_with_enough_rows_is_collision_free() -> None:
@@ -731,3 +743,27 @@ def test_features_of_one_table_read_the_same_rows(name: str, options: dict[str, 
     ids = torch.arange(3000)
     out = emb(one_id_per_bag({"a": ids, "b": ids, "c": torch.arange(10)})).to_dict()
     torch.testing.assert_close(out["a"], out["b"])
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), [("multi_hash", {"rows": 40, "num_hashes": 3}), ("qr", {"operation": "add", "collisions": 5})]
+)
+def test_rows_folded_into_bags_sum_exactly_over_multi_id_bags(name: str, options: dict[str, object]) -> None:
+    """Bags of several ids: output = sum over the bag's ids of the sum of each id's k rows (computed by hand)."""
+    tables = make_tables((7, 50, 300), dim=4)
+    emb = build_embedding(name, tables, **options)
+    kjt = random_kjt(tables, batch=6, max_len=4, seed=3)
+    out = emb(kjt).to_dict()
+    for t in tables:
+        f = t.feature_names[0]
+        w = weight(emb, t.name).detach()
+        for b, ids in enumerate(kjt.to_dict()[f].to_dense()):
+            expected = torch.zeros(4)
+            for x in ids.tolist():
+                single = one_id_per_bag(
+                    {g.feature_names[0]: torch.tensor([0]) for g in tables} | {f: torch.tensor([x])}
+                )
+                copies = [v for key, v in physical_ids(emb, single).items() if key.split("@")[0] == f]
+                rows = torch.cat(copies) if copies else emb.remap(single).to_dict()[f].values()
+                expected += w[rows].sum(0)
+            torch.testing.assert_close(out[f][b], expected)

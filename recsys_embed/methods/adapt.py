@@ -29,7 +29,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, largest_fitting, value_features
+from recsys_embed.methods.remap import FanOut, largest_fitting
 
 log = logging.getLogger(__name__)
 ID_BYTES = 8
@@ -63,30 +63,21 @@ class AdaptiveHotCold(EmbeddingMethod):
         self.rows, self.hot_share = rows, hot_share
         hot = [hot_rows(t.num_embeddings, rows, hot_share) for t in self._tables]
         counts = self._checked_counts(id_counts, [f for t, h in zip(self._tables, hot) if h for f in t.feature_names])
-        offsets = np.cumsum([0] + [t.num_embeddings for t in self._tables])[:-1]
         hot_keys = []
-        for offset, t, h in zip(offsets, self._tables, hot):
+        for t, h in zip(self._tables, hot):
             if h:  # most frequent ids of the table first, ties to the smaller id; stored sorted for searchsorted
                 freq = sum(np.asarray(counts[f], dtype=np.int64) for f in t.feature_names)
-                order = np.lexsort((np.arange(t.num_embeddings), -freq))
-                hot_keys.append(np.sort(order[:h]) + offset)
+                hot_keys.append(np.sort(np.lexsort((np.arange(t.num_embeddings), -freq))[:h]))
         dev = torch.device(device or "cpu")
         keys = np.concatenate(hot_keys) if hot_keys else np.zeros(0, dtype=np.int64)
-        self.register_buffer("hot_keys", torch.as_tensor(keys, dtype=torch.int64, device=dev))
+        self.register_buffer("hot_keys", torch.as_tensor(keys, dtype=torch.int64, device=dev))  # tables in order
         self.register_buffer("seeds", seed * 1_000_003 + torch.arange(len(self._tables), device=dev))  # per table
-        index = {t.name: i for i, t in enumerate(self._tables)}
-        table_of = [index[self._table_of[f]] for f in self._feature_names]
-        hot_start = np.cumsum([0, *hot])[:-1]
-        per_table = {
-            "offset": offsets,
-            "hot_start": hot_start,
-            "hot": hot,
-            "cold": [min(t.num_embeddings, rows) - h for t, h in zip(self._tables, hot)],
-            "full": [t.num_embeddings <= rows for t in self._tables],
-        }
-        self.register_buffer("feature_table", torch.tensor(table_of, device=dev), persistent=False)
-        for name, values in per_table.items():  # one entry per feature, from its table
-            self.register_buffer(name, torch.tensor([values[i] for i in table_of], device=dev), persistent=False)
+        starts = np.cumsum([0, *hot])[:-1].tolist()
+        # per feature: (table index, hot ids slice start, hot count, cold count), None for a table kept full
+        self._plan = [
+            None if self._tables[i].num_embeddings <= rows else (i, starts[i], hot[i], rows - hot[i])
+            for i in self._table_index
+        ]
         physical = [replace(t, num_embeddings=min(t.num_embeddings, rows)) for t in self._tables]
         self.tables = EmbeddingBagCollection(tables=physical, device=dev)
         self.fan_out = FanOut(self._feature_names, [1] * len(self._feature_names))
@@ -110,18 +101,21 @@ class AdaptiveHotCold(EmbeddingMethod):
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Hot ids -> their own row; cold ids -> ``hot + hash(id) mod cold``; full tables -> the id itself."""
-        feature = value_features(features)
-        values = features.values()
-        keys = self.offset[feature] + values
-        if self.hot_keys.numel():
-            position = torch.searchsorted(self.hot_keys, keys)
-            is_hot = self.hot_keys[position.clamp(max=self.hot_keys.numel() - 1)] == keys
-        else:
-            position, is_hot = torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
-        hot, cold = self.hot[feature], self.cold[feature]
-        cold_row = hot + hash_to_buckets(values, self.seeds[self.feature_table][feature], cold)
-        rows = torch.where(is_hot, position - self.hot_start[feature], cold_row)
-        rows = torch.where(self.full[feature], values, rows)
+        values, pieces, start = features.values(), [], 0
+        for plan, size in zip(self._plan, features.length_per_key()):
+            ids = values[start : start + size]  # one feature's ids: a contiguous slice (feature-major KJT)
+            start += size
+            if plan is None:
+                pieces.append(ids)
+                continue
+            table, first, hot, cold = plan
+            rows = hot + hash_to_buckets(ids, self.seeds[table], cold)
+            if hot:
+                hot_ids = self.hot_keys[first : first + hot]
+                position = torch.searchsorted(hot_ids, ids)
+                rows = torch.where(hot_ids[position.clamp(max=hot - 1)] == ids, position, rows)
+            pieces.append(rows)
+        rows = torch.cat(pieces) if pieces else values
         return self.fan_out(features, rows.unsqueeze(0))
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:

@@ -3,8 +3,8 @@
 Idea (hash embeddings, Svenstrup et al., NeurIPS'17; spaCy/thinc ``HashEmbed`` use k = 4): id ``x`` reads rows
 ``h_1(x), ..., h_k(x)`` of an ``m``-row table and sums them. Two ids share all ``k`` rows with probability about
 ``m^-k``, so nearly every id keeps a distinct vector although rows are shared. Tables with ``n <= rows`` keep one
-row per id (no hashing). Implemented as ``k`` physical features per logical feature on one TorchRec table, so
-fbgemm pools the ``k`` rows of every bag and the combine is a reshape-sum.
+row per id (no hashing). Implemented by putting the ``k`` rows of every id into its own bag of a plain TorchRec
+table, so fbgemm's sum pooling does lookup, combine and pooling in one kernel.
 
 Memory: ``sum_t min(n_t, rows) * d_t * 4 + 8 * k * #tables`` bytes (rows plus k int64 seeds per logical
 table). The budget solver picks the largest ``rows`` that fits. Initialisation divides the rows' range by
@@ -28,7 +28,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, physical_keys, sum_copies, value_features
+from recsys_embed.methods.remap import BagFold, largest_fitting, value_features
 
 log = logging.getLogger(__name__)
 SEED_BYTES = 8
@@ -54,13 +54,8 @@ class MultiHashEmbedding(EmbeddingMethod):
         self.rows, self.num_hashes = rows, num_hashes
         dev = torch.device(device or "cpu")
         hashed = [self._cardinality[f] > rows for f in self._feature_names]
-        self.copies = [num_hashes if h else 1 for h in hashed]
-        self.fan_out = FanOut(self._feature_names, self.copies)
-        physical = []
-        for t in self._tables:
-            copies = [num_hashes if t.num_embeddings > rows else 1] * len(t.feature_names)
-            names = physical_keys(t.feature_names, copies)
-            physical.append(replace(t, num_embeddings=min(t.num_embeddings, rows), feature_names=names))
+        self.fold = BagFold(self._feature_names, [num_hashes if h else 1 for h in hashed])
+        physical = [replace(t, num_embeddings=min(t.num_embeddings, rows)) for t in self._tables]
         self.tables = EmbeddingBagCollection(tables=physical, device=dev)
         self.unbounded_features = {f for f, h in zip(self._feature_names, hashed) if h}
         seeds = torch.arange(len(self._tables) * num_hashes, dtype=torch.int64) + seed * 1_000_003
@@ -79,19 +74,15 @@ class MultiHashEmbedding(EmbeddingMethod):
                     self.tables.embedding_bags[table.name].weight.uniform_(-bound, bound)
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Physical KJT: ``k`` copies of every hashed feature (``f@0..f@{k-1}``), one for full tables."""
+        """Physical KJT: every bag holds the ``k`` hashed rows of each of its ids (one row for full tables)."""
         feature = value_features(features)
         values = features.values()
-        seeds, buckets = self.seeds[self.feature_table][feature], self.buckets[feature]
-        hashed = self.hashed[feature]
-        rows = torch.stack(
-            [torch.where(hashed, hash_to_buckets(values, seeds[:, c], buckets), values) for c in range(self.num_hashes)]
-        )
-        return self.fan_out(features, rows)
+        seeds = self.seeds[self.feature_table][feature].T  # (k, N): all k hashes in one vectorized call
+        rows = hash_to_buckets(values.unsqueeze(0), seeds, self.buckets[feature])
+        return self.fold(features, torch.where(self.hashed[feature], rows, values))  # full tables keep copy 0
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        pooled = self.tables(self.remap(features)).values()
-        return keyed(sum_copies(pooled, self._length_per_key, self.copies), self._feature_names, self._length_per_key)
+        return self.tables(self.remap(features))
 
     def memory_bytes(self) -> int:
         return self.rows_bytes(self._tables, self.rows, self.num_hashes)

@@ -9,7 +9,8 @@ are complementary, so every id keeps a unique combination and a unique embedding
 the authors' DLRM ``QREmbeddingBag``, bags are pooled per partition before combining.
 
 All ``k`` partitions of a table are stacked in one TorchRec table (partition ``c`` at a row offset), read as ``k``
-physical features, so one fbgemm lookup serves all of them. Ids use int64 integer division, never floats.
+physical features (``add`` puts the ``k`` rows into the id's own bag so fbgemm's pooling sums them), so one fbgemm
+lookup serves all of them. Ids use int64 integer division, never floats.
 
 Memory: per table ``((k - 1) * b + ceil(n / b^(k-1))) * d' * 4`` bytes with ``d' = d`` (``d / k`` for concat).
 With ``b = 1`` a table degenerates to a full table plus ``k - 1`` constant rows (used for small tables). The budget
@@ -38,7 +39,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, sum_copies, value_features
+from recsys_embed.methods.remap import BagFold, FanOut, keyed, largest_fitting, physical_keys, value_features
 
 log = logging.getLogger(__name__)
 Operation = Literal["mult", "add", "concat"]
@@ -92,10 +93,14 @@ class QREmbedding(EmbeddingMethod):
         self.bases, self.partitions, self.operation = bases, partitions, operation
         k = partitions
         width = {t.name: t.embedding_dim // k if operation == "concat" else t.embedding_dim for t in self._tables}
-        self.fan_out = FanOut(self._feature_names, [k] * len(self._feature_names))
+        # add: the k partition rows of an id share its bag (fbgemm sums them); mult/concat: one feature per partition
+        split = FanOut if operation != "add" else BagFold
+        self.rewrite = split(self._feature_names, [k] * len(self._feature_names))
         physical = []
         for t, base in zip(self._tables, bases):
-            names = [f"{f}@{c}" for f in t.feature_names for c in range(k)]
+            names = (
+                t.feature_names if operation == "add" else physical_keys(t.feature_names, [k] * len(t.feature_names))
+            )
             rows = partition_rows(t.num_embeddings, base, k)
             physical.append(replace(t, num_embeddings=rows, embedding_dim=width[t.name], feature_names=names))
         dev = torch.device(device or "cpu")
@@ -120,7 +125,8 @@ class QREmbedding(EmbeddingMethod):
                     weight.uniform_(-bound * scale, bound * scale)
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Physical KJT: partition ``c`` of feature ``f`` is ``f@c``, rows offset by ``c * base``."""
+        """Physical KJT: partition ``c`` of an id reads row ``c * base + digit_c`` (feature ``f@c``, or the id's bag
+        for ``add``)."""
         feature = value_features(features)
         values = features.values()
         base = self.base[feature]
@@ -129,15 +135,13 @@ class QREmbedding(EmbeddingMethod):
             rows.append(c * base + torch.remainder(rest, base))
             rest = torch.div(rest, base, rounding_mode="floor")
         rows.append((self.partitions - 1) * base + rest)
-        return self.fan_out(features, torch.stack(rows))
+        return self.rewrite(features, torch.stack(rows))
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         pooled = self.tables(self.remap(features)).values()
         k, dims, batch = self.partitions, self._length_per_key, pooled.shape[0]
-        if self.operation == "concat":
+        if self.operation in ("add", "concat"):  # add: summed by fbgemm's pooling; concat: already side by side
             combined = pooled
-        elif self.operation == "add":
-            combined = sum_copies(pooled, dims, [k] * len(dims))
         elif len(set(dims)) == 1:  # a product of k slices (``prod``'s backward is slow and zero-sensitive)
             parts = pooled.view(batch, len(dims), k, dims[0]).unbind(2)
             combined = math.prod(parts[1:], start=parts[0]).reshape(batch, -1)

@@ -2,7 +2,7 @@
 
 A remap method turns each logical feature into ``k`` physical features (``"{feature}@{c}"``) whose ids are rows of
 plain TorchRec tables, runs one ``EmbeddingBagCollection`` lookup (fbgemm TBE once fused or sharded) and combines
-the ``k`` pooled vectors of each feature (sum, concatenation, product). All helpers work on whole batches.
+the ``k`` rows of each id (sum inside the bag, concatenation, product). All helpers work on whole batches.
 """
 
 from __future__ import annotations
@@ -24,53 +24,45 @@ def value_features(features: KeyedJaggedTensor) -> torch.Tensor:
 
 
 class FanOut:
-    """Rewrites a KJT so that feature ``f`` becomes ``k_f`` physical features ``f@0 .. f@{k_f - 1}``.
+    """Rewrites a KJT so that every feature ``f`` becomes ``k = max k_f`` physical features ``f@0 .. f@{k - 1}``.
 
-    ``rows[c, i]`` is the physical row of copy ``c`` of id ``i`` (``rows`` has ``max k_f`` copies; copies at or
-    beyond a feature's ``k_f`` are dropped). Every copy keeps its feature's bag lengths, so pooling copy ``c``
-    gives exactly the pooled rows of hash/partition/chunk ``c``.
+    ``rows[c, i]`` is the physical row of copy ``c`` of id ``i``. Copy ``c < k_f`` keeps its feature's bag
+    lengths, so pooling it gives exactly the pooled rows of hash/partition/chunk ``c``; copies at or beyond a
+    feature's ``k_f`` are muted (empty bags, pooled to zero), which keeps the pooled layout a uniform
+    ``(B, F, k, d)`` that combines with a reshape.
     """
 
     def __init__(self, features: list[str], copies: list[int]) -> None:
         self.features, self.copies, self.most = list(features), list(copies), max(copies)
-        self.keys = physical_keys(self.features, self.copies)
-        keep = [c < k for k in self.copies for c in range(self.most)]  # per (feature, copy) segment
-        self.keep = None if all(keep) else torch.tensor(keep)
+        self.keys = physical_keys(self.features, [self.most] * len(self.features))
+        live = [c < k for k in self.copies for c in range(self.most)]  # per (feature, copy) segment
+        self.live = None if all(live) else torch.tensor(live)
 
     def __call__(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
-        copies, count = rows.shape
+        copies = rows.shape[0]
         if copies == 1:
             return KeyedJaggedTensor(
                 keys=self.keys, values=rows[0], lengths=features.lengths(), stride=features.stride()
             )
-        device = rows.device
-        per_key = torch.tensor(features.length_per_key(), device=device)
-        starts = torch.cumsum(per_key, 0) - per_key
-        start_of = starts.repeat_interleave(per_key, output_size=count)
-        length_of = per_key.repeat_interleave(per_key, output_size=count)
-        within = torch.arange(count, device=device) - start_of
-        copy = torch.arange(copies, device=device).unsqueeze(1)
-        index = copies * start_of + copy * length_of + within
-        values = torch.empty(copies * count, dtype=rows.dtype, device=device)
-        values[index.reshape(-1)] = rows.reshape(-1)
+        pieces, start = [], 0
+        for live, size in zip(self.copies, features.length_per_key()):
+            pieces.append(rows[:live, start : start + size].reshape(-1))  # copy 0's ids, then copy 1's, ...
+            start += size
         lengths = features.lengths().view(len(self.features), -1).repeat_interleave(copies, dim=0)
-        if self.keep is not None:
-            keep = self.keep.to(device)
-            segment_sizes = per_key.repeat_interleave(copies)
-            values = values[keep.repeat_interleave(segment_sizes, output_size=values.numel())]
-            lengths = lengths[keep]
-        return KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths.reshape(-1), stride=features.stride())
+        if self.live is not None:
+            lengths = lengths * self.live.to(lengths.device).unsqueeze(1)
+        return KeyedJaggedTensor(
+            keys=self.keys, values=torch.cat(pieces), lengths=lengths.reshape(-1), stride=features.stride()
+        )
 
-
-def sum_copies(pooled: torch.Tensor, dims: list[int], copies: list[int]) -> torch.Tensor:
-    """``(B, sum_f k_f d_f)`` laid out ``[f0@0, f0@1, ..., f1@0, ...]`` -> ``(B, sum_f d_f)``, summing copies."""
-    batch = pooled.shape[0]
-    if len(set(dims)) == 1 and len(set(copies)) == 1:
-        return pooled.view(batch, len(dims), copies[0], dims[0]).sum(2).reshape(batch, -1)
-    starts = [sum(dims[:i]) for i in range(len(dims))]
-    target = [s + j for s, d, k in zip(starts, dims, copies) for _ in range(k) for j in range(d)]
-    columns = torch.tensor(target, device=pooled.device)
-    return pooled.new_zeros(batch, sum(dims)).index_add_(1, columns, pooled)
+    def live_columns(self, dims: list[int]) -> torch.Tensor | None:
+        """Columns of the pooled ``(B, sum_f k * d_f)`` output that belong to live copies (None: all are live)."""
+        if self.live is None:
+            return None
+        starts = [self.most * sum(dims[:i]) for i in range(len(dims))]
+        return torch.tensor(
+            [s + c * d + j for s, d, k in zip(starts, dims, self.copies) for c in range(k) for j in range(d)]
+        )
 
 
 def keyed(values: torch.Tensor, keys: list[str], dims: list[int]) -> KeyedTensor:
@@ -87,3 +79,27 @@ def largest_fitting(fits: callable, low: int, high: int) -> int:  # type: ignore
         else:
             high = mid - 1
     return low
+
+
+class BagFold:
+    """Rewrites a KJT so that each id of feature ``f`` appears ``k_f`` times *in its own bag* (once per hash).
+
+    For methods that sum their ``k`` rows (multi-hash, QR ``add``), sum pooling over the enlarged bag is exactly
+    the sum over ids of the sum of their ``k`` rows, so one fbgemm lookup does lookup, combine and pooling with no
+    extra output columns. ``rows[c, i]`` is copy ``c`` of id ``i``; copies at or beyond ``k_f`` are left out. Each
+    id expands in place into its ``k_f`` rows, so bags stay contiguous and only their lengths scale by ``k_f``.
+    """
+
+    def __init__(self, features: list[str], copies: list[int]) -> None:
+        self.features, self.copies = list(features), torch.tensor(copies)
+        self._copies = list(copies)
+
+    def __call__(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
+        pieces, start = [], 0
+        for k, size in zip(self._copies, features.length_per_key()):
+            pieces.append(rows[:k, start : start + size].T.reshape(-1))  # id i -> its k rows, side by side
+            start += size
+        lengths = features.lengths().view(len(self.features), -1) * self.copies.to(rows.device).unsqueeze(1)
+        return KeyedJaggedTensor(
+            keys=self.features, values=torch.cat(pieces), lengths=lengths.reshape(-1), stride=features.stride()
+        )

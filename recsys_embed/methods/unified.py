@@ -72,6 +72,8 @@ class UnifiedEmbedding(EmbeddingMethod):
         self.unbounded_features = set(self._feature_names)
         self.fan_out = FanOut(self._feature_names, self.chunks)
         dev = torch.device(device or "cpu")
+        columns = self.fan_out.live_columns([chunk_dim] * len(self.chunks))  # mixed dims: drop muted chunks
+        self.register_buffer("columns", columns.to(dev) if columns is not None else None, persistent=False)
         shared = EmbeddingBagConfig(
             name="unified", num_embeddings=rows, embedding_dim=chunk_dim, feature_names=self.fan_out.keys
         )
@@ -101,6 +103,8 @@ class UnifiedEmbedding(EmbeddingMethod):
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         pooled = self.tables(self.remap(features)).values()  # chunks of a feature are adjacent: concatenation
+        if self.columns is not None:
+            pooled = pooled[:, self.columns]
         return keyed(pooled, self._feature_names, self._length_per_key)
 
     def memory_bytes(self) -> int:
