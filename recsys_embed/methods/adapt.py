@@ -26,13 +26,12 @@ import numpy as np
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
-from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.remap import FanOut, largest_fitting
 
 log = logging.getLogger(__name__)
-ID_BYTES = 8
 
 
 def hot_rows(n: int, rows: int, hot_share: float) -> int:
@@ -128,8 +127,8 @@ class AdaptiveHotCold(EmbeddingMethod):
     def rows_bytes(tables: Sequence[EmbeddingBagConfig], rows: int, hot_share: float) -> int:
         total = 0
         for t in tables:
-            total += min(t.num_embeddings, rows) * t.embedding_dim * FP32_BYTES + ID_BYTES  # rows + the seed
-            total += ID_BYTES * hot_rows(t.num_embeddings, rows, hot_share)
+            total += min(t.num_embeddings, rows) * t.embedding_dim * FP32_BYTES + INT64_BYTES  # rows + the seed
+            total += INT64_BYTES * hot_rows(t.num_embeddings, rows, hot_share)
         return total
 
     @classmethod

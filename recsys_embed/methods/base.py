@@ -25,6 +25,8 @@ from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 FP32_BYTES = 4
+#: bytes of an int64 (hash seeds, stored ids)
+INT64_BYTES = 8
 #: fbgemm's table-batched kernels need every physical embedding dim to be a multiple of this
 TBE_DIM_MULTIPLE = 4
 

@@ -28,13 +28,12 @@ from typing import Literal
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
-from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.remap import FanOut, largest_fitting, value_features
 
 log = logging.getLogger(__name__)
-SEED_BYTES = 8
 
 
 @register("hash")
@@ -109,7 +108,7 @@ class HashEmbedding(EmbeddingMethod):
     @staticmethod
     def rows_bytes(tables: Sequence[EmbeddingBagConfig], rows: int, shared: bool) -> int:
         """The memory formula for a given ``rows`` (used by the budget solver)."""
-        seeds = SEED_BYTES * len(tables)
+        seeds = INT64_BYTES * len(tables)
         if shared:
             return rows * tables[0].embedding_dim * FP32_BYTES + seeds
         return sum(min(t.num_embeddings, rows) * t.embedding_dim * FP32_BYTES for t in tables) + seeds

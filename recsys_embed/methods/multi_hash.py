@@ -25,13 +25,12 @@ from dataclasses import replace
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
-from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.remap import BagFold, largest_fitting, value_features
 
 log = logging.getLogger(__name__)
-SEED_BYTES = 8
 
 
 @register("multi_hash")
@@ -90,7 +89,7 @@ class MultiHashEmbedding(EmbeddingMethod):
     @staticmethod
     def rows_bytes(tables: Sequence[EmbeddingBagConfig], rows: int, num_hashes: int) -> int:
         table_bytes = sum(min(t.num_embeddings, rows) * t.embedding_dim * FP32_BYTES for t in tables)
-        return table_bytes + SEED_BYTES * num_hashes * len(tables)
+        return table_bytes + INT64_BYTES * num_hashes * len(tables)
 
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> MultiHashEmbedding:

@@ -29,13 +29,20 @@ from typing import Literal
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
-from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.base import (
+    FP32_BYTES,
+    INT64_BYTES,
+    TBE_DIM_MULTIPLE,
+    Budget,
+    EmbeddingMethod,
+    check_tables,
+    full_bytes,
+)
 from recsys_embed.methods.hash_fn import hash_to_buckets
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.remap import FanOut, keyed, value_features
 
 log = logging.getLogger(__name__)
-SEED_BYTES = 8
 
 
 @register("unified")
@@ -112,7 +119,7 @@ class UnifiedEmbedding(EmbeddingMethod):
 
     @staticmethod
     def rows_bytes(rows: int, chunk_dim: int, seeds: int) -> int:
-        return rows * chunk_dim * FP32_BYTES + SEED_BYTES * seeds
+        return rows * chunk_dim * FP32_BYTES + INT64_BYTES * seeds
 
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> UnifiedEmbedding:
@@ -123,7 +130,7 @@ class UnifiedEmbedding(EmbeddingMethod):
         features = sum(len(t.feature_names) for t in tables)
         seeds = features * max(t.embedding_dim for t in tables) // chunk_dim
         allowed = budget.max_bytes(tables)
-        rows = (allowed - SEED_BYTES * seeds) // (chunk_dim * FP32_BYTES)
+        rows = (allowed - INT64_BYTES * seeds) // (chunk_dim * FP32_BYTES)
         if rows < 1:
             smallest = cls.rows_bytes(1, chunk_dim, seeds)
             raise ValueError(
