@@ -1,4 +1,5 @@
-"""``recsys-embed``: LightningCLI subcommands ``fit``/``validate``/``test`` over ``CTRTask`` + ``CTRDataModule``.
+"""``recsys-embed``: LightningCLI subcommands ``fit``/``validate``/``test`` over ``CTRTask`` + ``CTRDataModule``,
+and ``recsys-embed bench`` (the method x budget sweep, see :mod:`recsys_embed.benchmark.cli`).
 
 Sizes that come from the data (cardinalities, number of dense features) are linked from the data module to the
 model, so a config never repeats them. ``fit --test_after_fit true`` also tests the best checkpoint.
@@ -32,22 +33,31 @@ class RecsysCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
 
-def main(args: list[str] | None = None) -> None:
+BENCH_HINT = "Benchmark sweep (every method x budget): recsys-embed bench --help"
+
+
+def main(args: list[str] | None = None) -> int | None:
+    argv = args if args is not None else sys.argv[1:]
     package_log = logging.getLogger("recsys_embed")
     if not package_log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         package_log.addHandler(handler)
         package_log.setLevel(logging.INFO)
+    if argv[:1] == ["bench"]:
+        from recsys_embed.benchmark.cli import main as bench_main
+
+        return bench_main(argv[1:])
     RecsysCLI(
         CTRTask,
         CTRDataModule,
-        args=args if args is not None else sys.argv[1:],
+        args=argv,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"inference_mode": False},
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "epilog": BENCH_HINT},
     )
+    return None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
