@@ -183,3 +183,13 @@ def test_schema_with_unknown_keys_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "schema.json").write_text(json.dumps({**raw, "colour": "blue"}))
     with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
         CTRSchema.load(tmp_path)
+
+
+def test_datamodule_drops_the_last_train_batch_only() -> None:
+    dm = CTRDataModule(synthetic=TINY_SYNTHETIC, batch_size=1000, eval_batch_size=1000)
+    assert [len(b) for b in dm.train_dataloader()] == [1000] * 6  # 6000 rows
+    assert sum(len(b) for b in dm.val_dataloader()) == TINY_SYNTHETIC.val_rows
+    dm = CTRDataModule(synthetic=TINY_SYNTHETIC, batch_size=4000, drop_last=False)
+    assert [len(b) for b in dm.train_dataloader()] == [4000, 2000]
+    with pytest.raises(ValueError, match="fewer than data.batch_size=8000"):
+        CTRDataModule(synthetic=TINY_SYNTHETIC, batch_size=8000)

@@ -26,6 +26,7 @@ class CTRDataModule(pl.LightningDataModule):
         synthetic: size and shape of the synthetic data (ignored when ``data_dir`` is set).
         batch_size: training batch size; ``eval_batch_size`` (default: the same) for val/test.
         shuffle: shuffle row groups and rows each epoch (train split only), seeded by ``seed`` and the epoch.
+        drop_last: drop the last, smaller train batch (a batch of one row breaks batch norm); val/test keep it.
 
     Example::
 
@@ -41,6 +42,7 @@ class CTRDataModule(pl.LightningDataModule):
         batch_size: int = 4096,
         eval_batch_size: int | None = None,
         shuffle: bool = True,
+        drop_last: bool = True,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -51,7 +53,13 @@ class CTRDataModule(pl.LightningDataModule):
         self.schema = CTRSchema.load(self.data_dir)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.shuffle, self.seed, self.num_workers = shuffle, seed, num_workers
+        self.shuffle, self.seed, self.num_workers, self.drop_last = shuffle, seed, num_workers, drop_last
+        train_rows = self.schema.rows.get("train", batch_size)
+        if drop_last and train_rows < batch_size:
+            raise ValueError(
+                f"The train split has {train_rows} rows, fewer than data.batch_size={batch_size}, so every batch would "
+                "be dropped: lower data.batch_size or set data.drop_last=false."
+            )
         log.info(
             "CTR data %s: %s rows, %d dense, %d categorical",
             self.data_dir,
@@ -80,6 +88,7 @@ class CTRDataModule(pl.LightningDataModule):
             self.schema,
             self.batch_size if train else self.eval_batch_size,
             shuffle=self.shuffle and train,
+            drop_last=self.drop_last and train,
             seed=self.seed,
             rank=rank,
             world_size=world,
