@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ from recsys_embed.methods import (
 from recsys_embed.training import tables_for
 
 
-def make_step(embedding: nn.Module, fused: bool, dim_out: int) -> callable:  # type: ignore[valid-type]
+def make_step(embedding: nn.Module, fused: bool, dim_out: int) -> Callable[[Batch], None]:
     head = nn.Linear(dim_out, 1)
     model = nn.ModuleDict({"embedding": embedding, "head": head})
     if fused:
@@ -64,7 +65,7 @@ def make_step(embedding: nn.Module, fused: bool, dim_out: int) -> callable:  # t
     return step
 
 
-def median_ms(fn: callable, batches: list[Batch], steps: int) -> float:  # type: ignore[valid-type]
+def median_ms(fn: Callable[[Batch], object], batches: list[Batch], steps: int) -> float:
     for batch in batches[:3]:
         fn(batch)
     times = []

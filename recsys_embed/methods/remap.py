@@ -7,6 +7,8 @@ the ``k`` rows of each id (sum inside the bag, concatenation, product). All help
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torchrec import KeyedJaggedTensor, KeyedTensor
 
@@ -70,7 +72,7 @@ def keyed(values: torch.Tensor, keys: list[str], dims: list[int]) -> KeyedTensor
     return KeyedTensor(keys=keys, length_per_key=dims, values=values)
 
 
-def largest_fitting(fits: callable, low: int, high: int) -> int:  # type: ignore[valid-type]
+def largest_fitting(fits: Callable[[int], bool], low: int, high: int) -> int:
     """The largest integer ``x`` in ``[low, high]`` with ``fits(x)``, for a monotone ``fits`` with ``fits(low)``."""
     while low < high:
         mid = (low + high + 1) // 2
