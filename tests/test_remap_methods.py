@@ -767,3 +767,37 @@ def test_rows_folded_into_bags_sum_exactly_over_multi_id_bags(name: str, options
                 rows = torch.cat(copies) if copies else emb.remap(single).to_dict()[f].values()
                 expected += w[rows].sum(0)
             torch.testing.assert_close(out[f][b], expected)
+
+
+def test_qr_path_with_one_collision_and_identity_maps_equals_full() -> None:
+    tables = make_tables((7, 50, 300), dim=4)
+    path = build_embedding("qr_path", tables, collisions=1)
+    full = build_embedding("full", tables)
+    for t in tables:
+        weight(path, f"{t.name}@rows").data.copy_(weight(full, t.name))  # maps start at the identity
+    kjt = random_kjt(tables, batch=6, max_len=1, seed=2)
+    torch.testing.assert_close(path(kjt).values(), full(kjt).values())
+
+
+def test_qr_path_applies_the_remainders_map_to_the_quotient_row() -> None:
+    tables = make_tables((100,), dim=4)
+    path = build_embedding("qr_path", tables, collisions=7)
+    torch.manual_seed(0)
+    maps, rows = weight(path, "t0@maps"), weight(path, "t0@rows")
+    maps.data.normal_()
+    x = torch.tensor([0, 13, 99])
+    out = path(one_id_per_bag({"f0": x})).values().detach()
+    for i, v in enumerate(x.tolist()):
+        expected = maps[v % 7].detach().view(4, 4) @ rows[v // 7].detach()
+        torch.testing.assert_close(out[i], expected)
+    assert path.memory_bytes() == (7 * 16 + 15 * 4) * 4
+
+
+def test_qr_path_budget_solver_and_errors() -> None:
+    tables = make_tables((7, 50, 3000), dim=8)
+    emb = build_embedding("qr_path", tables, budget=Budget(ratio=4))
+    assert emb.memory_bytes() <= Budget(ratio=4).max_bytes(tables)
+    with pytest.raises(ValueError, match=r"at least \d+ bytes"):
+        build_embedding("qr_path", tables, budget=Budget(bytes=100))
+    with pytest.raises(ValueError, match="collisions must be >= 1"):
+        build_embedding("qr_path", tables, collisions=0)
