@@ -101,3 +101,37 @@ def test_float_ids_are_an_error() -> None:
     kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([1.0]), lengths=torch.tensor([1]))
     with pytest.raises(ValueError, match="int64"):
         emb(kjt)
+
+
+def test_fused_optimizer_state_round_trips_and_checks_tables() -> None:
+    tables = make_tables((10, 20), dim=4)
+    source = build_embedding("full", tables)
+    fuse_tables(source, SparseOptimizer(name="rowwise_adagrad"))
+    source(random_kjt(tables, batch=5)).values().sum().backward()
+    state = source.tables.optimizer_state()
+    assert set(state) == {"t0.0", "t1.0"} and state["t1.0"].sum() > 0  # row-wise accumulators were updated
+    target = build_embedding("full", tables)
+    fuse_tables(target, SparseOptimizer(name="rowwise_adagrad"))
+    target.tables.load_optimizer_state(state)
+    torch.testing.assert_close(target.tables.optimizer_state()["t1.0"], state["t1.0"])
+    other = build_embedding("full", tables)
+    fuse_tables(other, SparseOptimizer(name="sgd"))
+    with pytest.raises(ValueError, match="another sparse optimizer"):
+        other.tables.load_optimizer_state(state)
+
+
+def test_ctr_task_checkpoints_the_fused_optimizer_state() -> None:
+    from recsys_embed.training import CTRTask
+
+    task = CTRTask({"cat_0": 10, "cat_1": 20}, 0)
+    fuse_tables(task.net, task.sparse_optimizer)
+    kjt = KeyedJaggedTensor(keys=["cat_0", "cat_1"], values=torch.tensor([1, 2, 3, 4]), lengths=torch.ones(4).long())
+    task.net(torch.zeros(2, 0), kjt).sum().backward()
+    checkpoint: dict = {}
+    task.on_save_checkpoint(checkpoint)
+    saved = checkpoint["fused_optimizer_state"]["embedding.tables"]
+    assert saved["t_cat_1.0"].sum() > 0
+    fresh = CTRTask({"cat_0": 10, "cat_1": 20}, 0)
+    fuse_tables(fresh.net, fresh.sparse_optimizer)
+    fresh.on_load_checkpoint(checkpoint)
+    torch.testing.assert_close(fresh.net.embedding.tables.optimizer_state()["t_cat_1.0"], saved["t_cat_1.0"])

@@ -99,6 +99,29 @@ class FusedTables(nn.Module):
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return self._tables
 
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The fused optimizer's per-table state (e.g. row-wise Adagrad accumulators), copied, for checkpoints."""
+        states = self._kernel[0].split_optimizer_states()
+        return {
+            f"{t.name}.{i}": state.detach().clone()
+            for t, table in zip(self._tables, states)
+            for i, state in enumerate(table)
+        }
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`optimizer_state` saved (same tables and optimizer)."""
+        states = self._kernel[0].split_optimizer_states()
+        expected = {f"{t.name}.{i}" for t, table in zip(self._tables, states) for i, _ in enumerate(table)}
+        if set(state) != expected:
+            raise ValueError(
+                f"Fused optimizer state has entries {sorted(state)}, these tables expect {sorted(expected)}: the "
+                "checkpoint was written with other tables or another sparse optimizer."
+            )
+        with torch.no_grad():
+            for t, table in zip(self._tables, states):
+                for i, current in enumerate(table):
+                    current.copy_(state[f"{t.name}.{i}"])
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if features.keys() != self._keys:
             features = features.permute([features.keys().index(k) for k in self._keys])

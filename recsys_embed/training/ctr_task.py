@@ -31,6 +31,7 @@ from recsys_embed.methods import (
     fuse_tables,
     method_class,
 )
+from recsys_embed.methods.fused import FusedTables
 from recsys_embed.models import DLRM
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,22 @@ class CTRTask(pl.LightningModule):
         dataset = getattr(loader, "dataset", None)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the fused tables' optimizer state (it lives in fbgemm, outside Lightning's optimizers)."""
+        checkpoint["fused_optimizer_state"] = {
+            name: module.optimizer_state() for name, module in self.named_modules() if isinstance(module, FusedTables)
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the fused optimizer state when the tables are fused already (resuming ``fit``)."""
+        saved = checkpoint.get("fused_optimizer_state", {})
+        fused = {name: module for name, module in self.named_modules() if isinstance(module, FusedTables)}
+        for name, state in saved.items():
+            if name in fused:
+                fused[name].load_optimizer_state(state)
+        if saved and not fused:
+            log.info("Checkpoint has fused optimizer state but the tables are not fused: state not restored.")
 
     def on_fit_start(self) -> None:
         log.info("Sparse optimizer (fused in the tables): %s", asdict(self.sparse_optimizer))
