@@ -43,6 +43,8 @@ def hot_rows(n: int, rows: int, hot_share: float) -> int:
 class AdaptiveHotCold(EmbeddingMethod):
     """Top ``hot_share * rows`` ids by frequency get own rows; the others hash into the remaining rows."""
 
+    budget_knobs = ("rows",)
+
     needs_id_counts = True
 
     def __init__(
@@ -134,8 +136,6 @@ class AdaptiveHotCold(EmbeddingMethod):
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> AdaptiveHotCold:
         tables = check_tables(tables)
-        if "rows" in options:
-            raise ValueError("Method 'adapt': give either rows= or budget=, not both.")
         share = float(options.get("hot_share", 0.5))  # type: ignore[arg-type]
         allowed, smallest = budget.max_bytes(tables), cls.rows_bytes(tables, 2, share)
         if smallest > allowed:

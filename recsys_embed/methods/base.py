@@ -108,6 +108,8 @@ class EmbeddingMethod(nn.Module):
 
     #: the registered name (set by :func:`recsys_embed.methods.registry.register`)
     name: ClassVar[str] = ""
+    #: the options a budget solver sets itself (giving one of them together with ``budget=`` is an error)
+    budget_knobs: ClassVar[tuple[str, ...]] = ()
     #: whether the method needs per-id frequencies (``id_counts=``, from the data's ``id_counts.npz``)
     needs_id_counts: ClassVar[bool] = False
 

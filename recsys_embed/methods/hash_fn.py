@@ -48,3 +48,12 @@ def reference_hash64(value: int, seed: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return _signed(z ^ (z >> 31))
+
+
+HASHES = ("splitmix64", "identity")
+
+
+def check_hash_name(method: str, name: str) -> None:
+    """A clear error for an unknown ``hash=`` option of a hashing method."""
+    if name not in HASHES:
+        raise ValueError(f"Method {method!r}: unknown hash {name!r}; use one of {list(HASHES)}.")

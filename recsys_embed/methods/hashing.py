@@ -29,7 +29,7 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
-from recsys_embed.methods.hash_fn import hash_to_buckets
+from recsys_embed.methods.hash_fn import check_hash_name, hash_to_buckets
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.remap import FanOut, largest_fitting, value_features
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 @register("hash")
 class HashEmbedding(EmbeddingMethod):
     """Hashing trick: ``min(n, rows)`` rows per table (or one shared table of ``rows`` rows)."""
+
+    budget_knobs = ("rows",)
 
     def __init__(
         self,
@@ -54,8 +56,7 @@ class HashEmbedding(EmbeddingMethod):
         super().__init__(tables, validate_ids=validate_ids)
         if rows < 1:
             raise ValueError(f"Method 'hash' needs rows >= 1 (got {rows}).")
-        if hash not in ("splitmix64", "identity"):
-            raise ValueError(f"Method 'hash': unknown hash {hash!r}; use 'splitmix64' or 'identity'.")
+        check_hash_name("hash", hash)
         self.rows, self.shared, self.hash_name = rows, shared, hash
         if shared:
             dims = {t.embedding_dim for t in self._tables}
@@ -116,8 +117,6 @@ class HashEmbedding(EmbeddingMethod):
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> HashEmbedding:
         tables = check_tables(tables)
-        if "rows" in options:
-            raise ValueError("Method 'hash': give either rows= or budget=, not both.")
         shared = bool(options.get("shared", False))
         allowed = budget.max_bytes(tables)
         if cls.rows_bytes(tables, 1, shared) > allowed:

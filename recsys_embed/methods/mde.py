@@ -58,6 +58,8 @@ def mde_bytes(tables: Sequence[EmbeddingBagConfig], dims: Sequence[int]) -> int:
 class MixedDimEmbedding(EmbeddingMethod):
     """Per-table dims ``d * (n / n_min)^-alpha`` with a projection back to ``d``."""
 
+    budget_knobs = ("alpha", "dims")
+
     def __init__(
         self,
         tables: Sequence[EmbeddingBagConfig],
@@ -111,8 +113,6 @@ class MixedDimEmbedding(EmbeddingMethod):
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> MixedDimEmbedding:
         tables = check_tables(tables)
-        if "alpha" in options or "dims" in options:
-            raise ValueError("Method 'mde': give either alpha=/dims= or budget=, not both.")
         allowed = budget.max_bytes(tables)
         if mde_bytes(tables, mixed_dims(tables, 0.0)) <= allowed:
             return cls(tables, alpha=0.0, **options)  # type: ignore[arg-type]

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 class MultiHashEmbedding(EmbeddingMethod):
     """``k`` seeded hashes into ``min(n, rows)`` rows per table, the ``k`` rows summed."""
 
+    budget_knobs = ("rows",)
+
     def __init__(
         self,
         tables: Sequence[EmbeddingBagConfig],
@@ -94,8 +96,6 @@ class MultiHashEmbedding(EmbeddingMethod):
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> MultiHashEmbedding:
         tables = check_tables(tables)
-        if "rows" in options:
-            raise ValueError("Method 'multi_hash': give either rows= or budget=, not both.")
         k = int(options.get("num_hashes", 2))  # type: ignore[arg-type]
         allowed, smallest = budget.max_bytes(tables), cls.rows_bytes(tables, k, k)
         if smallest > allowed:

@@ -66,6 +66,8 @@ def smallest_base(n: int, k: int, cap: int) -> int | None:
 class QREmbedding(EmbeddingMethod):
     """Quotient-remainder / k-way complementary partitions; ``collisions`` is the base ``b`` for every table."""
 
+    budget_knobs = ("collisions",)
+
     def __init__(
         self,
         tables: Sequence[EmbeddingBagConfig],
@@ -168,8 +170,6 @@ class QREmbedding(EmbeddingMethod):
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> QREmbedding:
         tables = check_tables(tables)
-        if "collisions" in options:
-            raise ValueError("Method 'qr': give either collisions= or budget=, not both.")
         k = int(options.get("partitions", 2))  # type: ignore[arg-type]
         operation = str(options.get("operation", "mult"))
         allowed = budget.max_bytes(tables)

@@ -52,6 +52,8 @@ def smallest_path_base(n: int, d: int, cap: int) -> int | None:
 class QRPathEmbedding(EmbeddingMethod):
     """``e(x) = W_{x % b} q_{x // b}``: per-remainder ``d x d`` maps on quotient rows."""
 
+    budget_knobs = ("collisions",)
+
     def __init__(
         self,
         tables: Sequence[EmbeddingBagConfig],
@@ -123,8 +125,6 @@ class QRPathEmbedding(EmbeddingMethod):
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> QRPathEmbedding:
         tables = check_tables(tables)
-        if "collisions" in options:
-            raise ValueError("Method 'qr_path': give either collisions= or budget=, not both.")
         allowed = budget.max_bytes(tables)
 
         def bases_for(cap: int) -> list[int | None]:

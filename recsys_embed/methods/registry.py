@@ -68,4 +68,8 @@ def build_embedding(
         raise ValueError(f"Method {name!r} has no option(s) {unknown}; its options are {allowed}.")
     if budget is None:
         return cls(tables, **options)
+    both = [knob for knob in cls.budget_knobs if knob in options]
+    if both:
+        given = "/".join(f"{knob}=" for knob in cls.budget_knobs)
+        raise ValueError(f"Method {name!r}: give either {given} or budget=, not both (got {both}).")
     return cls.from_budget(tables, budget, **options)

@@ -38,7 +38,7 @@ from recsys_embed.methods.base import (
     check_tables,
     full_bytes,
 )
-from recsys_embed.methods.hash_fn import hash_to_buckets
+from recsys_embed.methods.hash_fn import check_hash_name, hash_to_buckets
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.remap import FanOut, keyed, value_features
 
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 @register("unified")
 class UnifiedEmbedding(EmbeddingMethod):
     """One shared ``rows x chunk_dim`` table; each feature chunk has its own hash into it."""
+
+    budget_knobs = ("rows",)
 
     def __init__(
         self,
@@ -72,8 +74,7 @@ class UnifiedEmbedding(EmbeddingMethod):
                 "every embedding_dim divisible by chunk_dim "
                 f"(got rows={rows}, chunk_dim={chunk_dim}, dims {sorted({t.embedding_dim for t in self._tables})})."
             )
-        if hash not in ("splitmix64", "identity"):
-            raise ValueError(f"Method 'unified': unknown hash {hash!r}; use 'splitmix64' or 'identity'.")
+        check_hash_name("unified", hash)
         self.rows, self.chunk_dim, self.hash_name = rows, chunk_dim, hash
         self.chunks = [self._length_per_key[i] // chunk_dim for i in range(len(self._feature_names))]
         self.unbounded_features = set(self._feature_names)
@@ -124,8 +125,6 @@ class UnifiedEmbedding(EmbeddingMethod):
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> UnifiedEmbedding:
         tables = check_tables(tables)
-        if "rows" in options:
-            raise ValueError("Method 'unified': give either rows= or budget=, not both.")
         chunk_dim = int(options.get("chunk_dim") or math.gcd(*[t.embedding_dim for t in tables]))  # type: ignore[arg-type]
         features = sum(len(t.feature_names) for t in tables)
         seeds = features * max(t.embedding_dim for t in tables) // chunk_dim
