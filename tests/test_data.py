@@ -80,15 +80,25 @@ def test_shuffle_is_a_seeded_permutation_that_changes_per_epoch(tiny_dataset: Pa
     assert np.array_equal(np.sort(epoch0), np.sort(plain))  # same rows
 
 
-def test_ranks_read_disjoint_row_groups_that_cover_the_split(tmp_path: Path) -> None:
-    schema = _small_folder(tmp_path, row_group=1)
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_ranks_take_equal_slices_of_the_global_batches_of_one_process(tmp_path: Path, shuffle: bool) -> None:
+    schema = _small_folder(tmp_path, row_group=2)
     path = tmp_path / "train.parquet"
-    seen = [
-        [v for b in ParquetBatches(path, schema, 2, rank=r, world_size=2) for v in b.dense[:, 0].tolist()]
+    one = [b.dense[:, 0].tolist() for b in ParquetBatches(path, schema, 2, shuffle=shuffle, seed=3)]
+    ranks = [
+        [b.dense[:, 0].tolist() for b in ParquetBatches(path, schema, 1, shuffle=shuffle, seed=3, rank=r, world_size=2)]
         for r in range(2)
     ]
-    assert sorted(seen[0] + seen[1]) == [0.5, 1.5, 2.5, 3.5, 4.5]
-    assert not set(seen[0]) & set(seen[1])
+    assert len(one) == 3  # 2 + 2 + 1 rows
+    # two global batches of 2 rows, split 1 + 1; the final 1-row batch cannot be split over 2 ranks and is left out
+    assert [r0 + r1 for r0, r1 in zip(*ranks)] == one[:2]
+    assert len(ParquetBatches(path, schema, 1, rank=1, world_size=2)) == 2
+
+
+def test_rank_outside_the_world_is_a_clear_error(tmp_path: Path) -> None:
+    schema = _small_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size\)"):
+        ParquetBatches(tmp_path / "train.parquet", schema, 2, rank=2, world_size=2)
 
 
 def test_nulls_are_a_clear_error(tmp_path: Path) -> None:

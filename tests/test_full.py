@@ -129,7 +129,7 @@ def test_ctr_task_checkpoints_the_fused_optimizer_state() -> None:
     task.net(torch.zeros(2, 0), kjt).sum().backward()
     checkpoint: dict = {}
     task.on_save_checkpoint(checkpoint)
-    saved = checkpoint["fused_optimizer_state"]["embedding.tables"]
+    saved = checkpoint["fused_optimizer_state"]["net.embedding.tables"]
     assert saved["t_cat_1.0"].sum() > 0
     fresh = CTRTask({"cat_0": 10, "cat_1": 20}, 0)
     fuse_tables(fresh.net, fresh.sparse_optimizer)

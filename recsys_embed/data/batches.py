@@ -100,10 +100,16 @@ class ParquetBatches(IterableDataset):
     """Stream one split's parquet file as batches.
 
     Row groups are read one at a time; with ``shuffle`` their order and the rows inside each are permuted with a
-    generator seeded by ``(seed, epoch)``. With ``world_size > 1`` each rank reads its own row groups
-    (``i % world_size == rank``), and DataLoader workers of a rank split that rank's share again. A leftover
-    smaller than ``batch_size`` is carried into the next row group; the final partial batch is kept unless
-    ``drop_last``.
+    generator seeded by ``(seed, epoch)``; DataLoader workers split the row groups. A leftover smaller than a
+    batch is carried into the next row group; the final partial batch is kept unless ``drop_last``.
+
+    With ``world_size > 1`` (data-parallel or sharded training) every rank reads the same stream and takes its
+    own slice of each *global* batch of ``batch_size * world_size`` rows: rank ``r`` gets rows
+    ``[r * batch_size, (r + 1) * batch_size)``. So all ranks see the same number of batches (a rank running out
+    early would leave the others waiting in a collective), and ``N`` ranks train on exactly the global batches of
+    one process with ``batch_size * N``. A final partial global batch of ``n`` rows gives each rank ``n // N`` rows
+    (at most ``N - 1`` rows are left out; none when ``n < N``). Each rank decodes the whole split and keeps
+    ``1 / N`` of it: decoding is ~3M rows/s per core, far below a train step's cost.
     """
 
     def __init__(
@@ -121,6 +127,8 @@ class ParquetBatches(IterableDataset):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive (got {batch_size}).")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) (got rank {rank}, world_size {world_size}).")
         self.path, self.schema, self.batch_size = Path(path), schema, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
@@ -136,14 +144,20 @@ class ParquetBatches(IterableDataset):
     def __len__(self) -> int:
         rows = pq.ParquetFile(self.path).metadata
         mine = sum(rows.row_group(i).num_rows for i in self._row_groups(rows.num_row_groups))
-        return mine // self.batch_size if self.drop_last else -(-mine // self.batch_size)
+        step = self.batch_size * self.world_size
+        full, rest = divmod(mine, step)
+        return full + int(not self.drop_last and rest >= self.world_size)
 
     def _row_groups(self, count: int) -> list[int]:
-        """This reader's row groups: split over ranks, then over DataLoader workers within a rank."""
+        """This reader's row groups: split over DataLoader workers (ranks slice each batch instead)."""
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        shard, shards = self.rank * workers + worker_id, self.world_size * workers
-        return [i for i in range(count) if i % shards == shard]
+        return [i for i in range(count) if i % workers == worker_id]
+
+    def _rank_slice(self, block: ColumnBlock) -> Batch:
+        """This rank's equal share of a global batch."""
+        share = len(block) // self.world_size
+        return batch_from_block(block.take(slice(self.rank * share, (self.rank + 1) * share)), self.schema.sparse)
 
     def __iter__(self) -> Iterator[Batch]:
         file = pq.ParquetFile(self.path)
@@ -158,9 +172,10 @@ class ParquetBatches(IterableDataset):
                 block = block.take(rng.permutation(len(block)))
             if carry is not None:
                 block = ColumnBlock.concat([carry, block])
-            full = len(block) - len(block) % self.batch_size
-            for start in range(0, full, self.batch_size):
-                yield batch_from_block(block.take(slice(start, start + self.batch_size)), self.schema.sparse)
+            step = self.batch_size * self.world_size
+            full = len(block) - len(block) % step
+            for start in range(0, full, step):
+                yield self._rank_slice(block.take(slice(start, start + step)))
             carry = block.take(slice(full, len(block))) if full < len(block) else None
-        if carry is not None and not self.drop_last:
-            yield batch_from_block(carry, self.schema.sparse)
+        if carry is not None and not self.drop_last and len(carry) >= self.world_size:
+            yield self._rank_slice(carry)

@@ -25,6 +25,8 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocati
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.fused import FusedOptimizerModule
 
 from recsys_embed.methods.base import TBE_DIM_MULTIPLE
 
@@ -57,6 +59,26 @@ class SparseOptimizer:
             raise ValueError(f"Sparse optimizer lr must be positive (got {self.lr}).")
 
 
+def fbgemm_fused_params(optimizer: SparseOptimizer) -> dict[str, object]:
+    """fbgemm's keyword arguments for ``optimizer`` (also TorchRec's sharder ``fused_params``)."""
+    params: dict[str, object] = {"optimizer": _FBGEMM_OPTIMIZERS[optimizer.name], "learning_rate": optimizer.lr}
+    if optimizer.name != "sgd":
+        params["eps"] = optimizer.eps
+    return params
+
+
+def check_fusable(tables: list[EmbeddingBagConfig], optimizer: SparseOptimizer, device: torch.device) -> None:
+    """fbgemm's limits, as clear errors: no CPU Adam, dims in multiples of ``TBE_DIM_MULTIPLE``."""
+    if optimizer.name == "adam" and device.type != "cuda":
+        raise ValueError("Sparse optimizer 'adam' needs CUDA (fbgemm has no CPU Adam); use 'rowwise_adagrad' on CPU.")
+    for table in tables:
+        if table.embedding_dim % TBE_DIM_MULTIPLE:
+            raise ValueError(
+                f"Table {table.name!r} has embedding_dim {table.embedding_dim}: fbgemm's table-batched kernels "
+                f"need a multiple of {TBE_DIM_MULTIPLE}; change the dim (or the method's dim options)."
+            )
+
+
 class FusedTables(nn.Module):
     """fbgemm's table-batched embedding bags with a fused optimizer, behind the ``EmbeddingBagCollection`` API.
 
@@ -73,18 +95,12 @@ class FusedTables(nn.Module):
         on_gpu = device.type == "cuda"
         location = EmbeddingLocation.DEVICE if on_gpu else EmbeddingLocation.HOST
         compute = ComputeDevice.CUDA if on_gpu else ComputeDevice.CPU
-        kwargs = (
-            {"learning_rate": optimizer.lr}
-            if optimizer.name == "sgd"
-            else {"learning_rate": optimizer.lr, "eps": optimizer.eps}
-        )
         kernel = SplitTableBatchedEmbeddingBagsCodegen(
             [(t.num_embeddings, t.embedding_dim, location, compute) for t in tables],
             feature_table_map=[i for i, t in enumerate(tables) for _ in t.feature_names],
-            optimizer=_FBGEMM_OPTIMIZERS[optimizer.name],
             pooling_mode=PoolingMode.SUM,
             device=device,
-            **kwargs,
+            **fbgemm_fused_params(optimizer),
         )
         self._kernel = [kernel]  # not a registered child: its state is exposed through embedding_bags below
         self._tables = list(tables)
@@ -141,16 +157,7 @@ def fuse_tables(module: nn.Module, optimizer: SparseOptimizer, device: torch.dev
             if type(child) is not EmbeddingBagCollection:
                 continue
             target = device or next(child.parameters()).device
-            if optimizer.name == "adam" and target.type != "cuda":
-                raise ValueError(
-                    "Sparse optimizer 'adam' needs CUDA (fbgemm has no CPU Adam); use 'rowwise_adagrad' on CPU."
-                )
-            for table in child.embedding_bag_configs():
-                if table.embedding_dim % TBE_DIM_MULTIPLE:
-                    raise ValueError(
-                        f"Table {table.name!r} has embedding_dim {table.embedding_dim}: fbgemm's table-batched kernels "
-                        f"need a multiple of {TBE_DIM_MULTIPLE}; change the dim (or the method's dim options)."
-                    )
+            check_fusable(child.embedding_bag_configs(), optimizer, target)
             replacement = FusedTables(child.embedding_bag_configs(), optimizer, target)
             replacement.load_state_dict(child.state_dict())
             setattr(parent, child_name, replacement)
@@ -161,10 +168,12 @@ def fuse_tables(module: nn.Module, optimizer: SparseOptimizer, device: torch.dev
 
 
 def sparse_parameter_ids(module: nn.Module) -> set[int]:
-    """ids of the parameters that a fused or plain embedding collection owns."""
+    """ids of the parameters whose optimizer is fused in backward: :class:`FusedTables` and TorchRec's sharded
+    tables (any ``FusedOptimizerModule`` below the ``DistributedModelParallel`` wrapper)."""
     ids: set[int] = set()
     for child in module.modules():
-        if isinstance(child, FusedTables):
+        fused_by_torchrec = isinstance(child, FusedOptimizerModule) and not isinstance(child, DistributedModelParallel)
+        if isinstance(child, FusedTables) or fused_by_torchrec:
             ids.update(id(p) for p in child.parameters())
     return ids
 

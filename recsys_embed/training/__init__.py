@@ -1,5 +1,16 @@
 """Training: LightningModules and their helpers."""
 
 from recsys_embed.training.ctr_task import CTRTask, EmbeddingSpec, tables_for
+from recsys_embed.training.sharding import ShardingPlanError, consolidated_state_dict, load_sharded_state, shard_model
+from recsys_embed.training.strategy import TorchRecStrategy
 
-__all__ = ["CTRTask", "EmbeddingSpec", "tables_for"]
+__all__ = [
+    "CTRTask",
+    "EmbeddingSpec",
+    "ShardingPlanError",
+    "TorchRecStrategy",
+    "consolidated_state_dict",
+    "load_sharded_state",
+    "shard_model",
+    "tables_for",
+]

@@ -33,6 +33,7 @@ from recsys_embed.methods import (
 )
 from recsys_embed.methods.fused import FusedTables
 from recsys_embed.models import DLRM
+from recsys_embed.training.strategy import TorchRecStrategy
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ class EmbeddingSpec:
     method: str = "full"
     budget: Budget | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+
+# Checkpoints store these in their hyperparameters; allow them for torch.load(weights_only=True) (Lightning's default).
+torch.serialization.add_safe_globals([EmbeddingSpec, Budget, SparseOptimizer])
 
 
 def tables_for(cardinalities: dict[str, int], embedding_dim: int) -> list[EmbeddingBagConfig]:
@@ -106,8 +111,9 @@ class CTRTask(pl.LightningModule):
                     "it from data.data_dir) or pass id_counts in model.embedding.options."
                 )
             options["id_counts"] = load_id_counts(id_counts_dir)
-        self.embedding = build_embedding(embedding.method, self.tables, budget=embedding.budget, **options)
-        self.net = model(self.embedding, num_dense)
+        method = build_embedding(embedding.method, self.tables, budget=embedding.budget, **options)
+        self._method = [method]  # a plain reference: the module is registered once, inside self.net
+        self.net = model(method, num_dense)
         self.sparse_optimizer = sparse_optimizer
         self.optimizer_factory = optimizer
         self.val_auc, self.test_auc = BinaryAUROC(), BinaryAUROC()
@@ -120,6 +126,11 @@ class CTRTask(pl.LightningModule):
             self.embedding.full_bytes(),
         )
 
+    @property
+    def embedding(self) -> EmbeddingMethod:
+        """The compression method (a submodule of ``net``)."""
+        return self._method[0]
+
     def configure_model(self) -> None:
         if self._trainer is None:
             return
@@ -129,7 +140,8 @@ class CTRTask(pl.LightningModule):
                 "Fused embedding tables cannot run under torch.inference_mode (fbgemm has no CPU kernel for it): "
                 "create the Trainer with inference_mode=False (the recsys-embed CLI does)."
             )
-        fuse_tables(self.net, self.sparse_optimizer, self.trainer.strategy.root_device)
+        if not isinstance(self.trainer.strategy, TorchRecStrategy):  # that strategy shards (and fuses) the tables
+            fuse_tables(self.net, self.sparse_optimizer, self.trainer.strategy.root_device)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.net(batch.dense, batch.sparse)

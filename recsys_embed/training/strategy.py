@@ -1,0 +1,109 @@
+"""``TorchRecStrategy``: Lightning training with TorchRec-sharded embedding tables (``--trainer.strategy torchrec``).
+
+Lightning's ``ddp`` wraps the whole LightningModule in DDP, which breaks on sharded tables, and
+``ModelParallelStrategy`` feeds every rank the same batches and cannot checkpoint ``DistributedModelParallel``.
+This strategy keeps DDP's process handling (launching, process group: gloo on CPU, NCCL on CUDA, ``torchrun``
+and multi-node environments) and replaces the model wrapping:
+
+* ``module.net`` is planned by TorchRec's planner and wrapped in ``DistributedModelParallel`` (tables sharded with
+  the module's ``sparse_optimizer`` fused in, dense layers data-parallel), in every stage (fit/validate/test);
+* the data module slices each global batch per rank (see ``ParquetBatches``), so every rank gets its own rows and
+  the same number of batches;
+* checkpoints are consolidated on rank 0 with the unsharded model's keys, so they load on any number of ranks
+  (and without this strategy).
+
+Any LightningModule with a ``net`` (the model holding the TorchRec tables) and a ``sparse_optimizer``
+(:class:`~recsys_embed.methods.SparseOptimizer`) works; :class:`~recsys_embed.training.CTRTask` is one.
+
+Example::
+
+    recsys-embed fit --config experiments/ctr/synthetic_dlrm.yaml --trainer.strategy torchrec --trainer.devices 2
+    trainer = Trainer(strategy=TorchRecStrategy(sharding_types=["table_wise"]), accelerator="cpu", devices=2)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.nn import Module
+from torchrec.distributed.model_parallel import DistributedModelParallel
+
+from recsys_embed.methods.fused import SparseOptimizer
+from recsys_embed.training.sharding import (
+    allowed_sharding_types,
+    consolidated_state_dict,
+    load_sharded_state,
+    shard_model,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TorchRecStrategy(DDPStrategy):
+    """Shards ``module.net``'s embedding tables with TorchRec; replicates the rest with DDP.
+
+    Args:
+        sharding_types: the sharding types TorchRec's planner may choose from (default: ``table_wise``,
+            ``column_wise``, ``table_column_wise``, plus ``row_wise``/``table_row_wise`` on CUDA).
+        memory_cap_bytes: table storage per rank the planner may use (host memory on CPU, HBM on CUDA); default:
+            the planner's own topology defaults. A plan that does not fit fails on every rank with its message.
+        **kwargs: passed to Lightning's ``DDPStrategy`` (e.g. ``process_group_backend``, ``timeout``).
+    """
+
+    strategy_name = "torchrec"
+
+    def __init__(
+        self, sharding_types: list[str] | None = None, memory_cap_bytes: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if memory_cap_bytes is not None and memory_cap_bytes <= 0:
+            raise ValueError(f"memory_cap_bytes must be positive (got {memory_cap_bytes}).")
+        self.sharding_types = sharding_types
+        self.memory_cap_bytes = memory_cap_bytes
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self.model_to_device()
+        module = self.lightning_module
+        net, optimizer = getattr(module, "net", None), getattr(module, "sparse_optimizer", None)
+        if not isinstance(net, Module) or not isinstance(optimizer, SparseOptimizer):
+            raise TypeError(
+                f"The torchrec strategy shards `module.net` with `module.sparse_optimizer`; {type(module).__name__} "
+                "lacks them. Use recsys_embed's CTRTask, or give your LightningModule both attributes."
+            )
+        if not isinstance(net, DistributedModelParallel):  # a second stage (e.g. test after fit) reuses the shards
+            allowed_sharding_types(self.root_device.type, self.sharding_types)  # a clear error before planning
+            module.net = shard_model(
+                net,
+                optimizer,
+                device=self.root_device,
+                sharding_types=self.sharding_types,
+                memory_cap_bytes=self.memory_cap_bytes,
+            )
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The whole model on rank 0 (sharded tables gathered), with an unsharded model's keys."""
+        return consolidated_state_dict(self.lightning_module)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        if isinstance(getattr(module, "net", None), DistributedModelParallel):
+            load_sharded_state(module, checkpoint["state_dict"])
+        else:  # not sharded yet: load as usual, setup() shards the loaded weights
+            super().load_model_state_dict(checkpoint, strict=strict)
+
+
+StrategyRegistry.register(
+    TorchRecStrategy.strategy_name,
+    TorchRecStrategy,
+    description="TorchRec-sharded embedding tables (DistributedModelParallel) with data-parallel dense layers",
+)

@@ -1,0 +1,119 @@
+"""Sharded training on TorchRec: 1 vs 2 CPU processes (gloo), checkpoints across world sizes, planner failures.
+
+The 2-process runs start ``tests/sharded_worker.py`` once per rank with torchrun's environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys_embed.data import CTRDataModule
+from recsys_embed.training import CTRTask, TorchRecStrategy
+from recsys_embed.training.sharding import allowed_sharding_types
+from tests.sharded_worker import METHODS
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, *args: str, timeout: int = TIMEOUT_S) -> list[subprocess.CompletedProcess[str]]:
+    """Run the worker on ``world`` processes (torchrun's environment) and wait for all of them."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = dict(
+            os.environ,
+            WORLD_SIZE=str(world),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+            NODE_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), *args],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"rank {procs.index(proc)} did not finish in {timeout} s (a hang?)") from None
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The worker on 1 process, then on 2 (which also loads the 1-process checkpoints)."""
+    out = {1: tmp_path_factory.mktemp("one_rank"), 2: tmp_path_factory.mktemp("two_ranks")}
+    for world, extra in ((1, []), (2, ["--load", str(out[1])])):
+        for rank, result in enumerate(launch(world, str(tiny_dataset), str(out[world]), *extra)):
+            assert result.returncode == 0, f"{world} process(es), rank {rank} failed:\n{result.stderr[-4000:]}"
+    return out
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_ranks_give_the_losses_of_one_on_the_same_global_batches(runs: dict[int, Path], method: str) -> None:
+    one = json.loads((runs[1] / f"{method}.losses.json").read_text())
+    two = json.loads((runs[2] / f"{method}.losses.json").read_text())
+    assert len(one) == len(two) == 8
+    assert one[0] != one[-1]  # it trained
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_checkpoint_saved_on_two_ranks_loads_on_one(runs: dict[int, Path], method: str, tiny_dataset: Path) -> None:
+    task = CTRTask.load_from_checkpoint(runs[2] / f"{method}.ckpt", map_location="cpu")  # plain, unfused tables
+    batch = next(iter(CTRDataModule(data_dir=str(tiny_dataset), eval_batch_size=500).val_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(task(batch), torch.load(runs[2] / f"{method}.preds.pt"))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_checkpoint_saved_on_one_rank_loads_on_two(runs: dict[int, Path], method: str) -> None:
+    torch.testing.assert_close(
+        torch.load(runs[2] / f"{method}.loaded_preds.pt"), torch.load(runs[1] / f"{method}.preds.pt")
+    )
+
+
+def test_a_plan_that_does_not_fit_fails_fast_on_every_rank(tiny_dataset: Path, tmp_path: Path) -> None:
+    results = launch(2, str(tiny_dataset), str(tmp_path), "--memory-cap", "1024", timeout=120)
+    assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
+    for rank in range(2):
+        message = (tmp_path / f"plan_error.{rank}.txt").read_text()
+        assert "sharding planner found no plan" in message and "memory_cap_bytes" in message
+
+
+def test_unknown_sharding_types_are_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"row_wise.*not available on cpu.*row-wise needs CUDA"):
+        allowed_sharding_types("cpu", ["row_wise"])
+    assert "row_wise" in allowed_sharding_types("cuda")
+    with pytest.raises(ValueError, match="memory_cap_bytes must be positive"):
+        TorchRecStrategy(memory_cap_bytes=0)
