@@ -44,6 +44,7 @@ def main(args: list[str] | None = None) -> int | None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         package_log.addHandler(handler)
         package_log.setLevel(logging.INFO)
+        package_log.propagate = False  # libraries (torchrec) may configure the root logger too: print once
     if argv[:1] == ["bench"]:
         from recsys_embed.benchmark.cli import main as bench_main
 

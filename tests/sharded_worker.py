@@ -5,8 +5,11 @@
 ``STEPS`` steps (plain fused tables on one process, the ``torchrec`` strategy on several), recording the global
 loss of every step, and writes on rank 0: ``{method}.losses.json``, ``{method}.ckpt`` (the final checkpoint) and
 ``{method}.preds.pt`` (predictions on the first validation batch). With ``--load`` it also restores
-``CKPT_DIR/{method}.ckpt`` through the strategy and writes ``{method}.loaded_preds.pt``. With ``--memory-cap`` it
-only plans (an impossible cap) and writes each rank's error to ``plan_error.{rank}.txt``.
+``CKPT_DIR/{method}.ckpt`` through the strategy and writes ``{method}.loaded_preds.pt``, then resumes ``fit`` from
+it at its last step (nothing to train) and saves ``{method}.resumed.ckpt``. With ``--memory-cap`` it
+only plans (an impossible cap) and writes each rank's error to ``plan_error.{rank}.txt``. With ``--forward-all``
+it shards every registered method (no training) and writes, per method, the largest difference between its sharded
+and unsharded outputs to ``forward_diff.json``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recsys_embed.data import CTRDataModule  # noqa: E402
-from recsys_embed.methods import Budget  # noqa: E402
-from recsys_embed.training import CTRTask, EmbeddingSpec, ShardingPlanError, TorchRecStrategy  # noqa: E402
+from recsys_embed.methods import Budget, SparseOptimizer, available_methods, build_embedding  # noqa: E402
+from recsys_embed.training import CTRTask, EmbeddingSpec, ShardingPlanError, TorchRecStrategy, shard_model  # noqa: E402
+from tests.conftest import budget_for, make_tables, method_options, random_kjt  # noqa: E402
 
 METHODS = {"full": None, "qr": Budget(ratio=4), "unified": Budget(ratio=4)}
 STEPS = 8
@@ -74,14 +78,37 @@ def predictions(task: CTRTask, data: CTRDataModule) -> torch.Tensor:
         return task(batch)
 
 
+def forward_differences() -> dict[str, float]:
+    """Every registered method, sharded over the process group, against itself unsharded (same weights)."""
+    tables = make_tables((7, 50, 3000, 400))
+    kjt = random_kjt(tables, 16, seed=1)
+    dist.init_process_group("gloo")
+    diffs = {}
+    for name in available_methods():
+        torch.manual_seed(0)
+        method = build_embedding(name, tables, budget=budget_for(name), **method_options(name, tables))
+        with torch.no_grad():
+            expected = method(kjt).values()
+            sharded = shard_model(torch.nn.ModuleDict({"m": method}), SparseOptimizer(), device=torch.device("cpu"))
+            diffs[name] = float((sharded.module["m"](kjt).values() - expected).abs().max())
+    return diffs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data_dir")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--load", type=Path)
     parser.add_argument("--memory-cap", type=int)
+    parser.add_argument("--forward-all", action="store_true")
     args = parser.parse_args()
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if args.forward_all:
+        diffs = forward_differences()
+        if rank == 0:
+            (args.out_dir / "forward_diff.json").write_text(json.dumps(diffs))
+        dist.destroy_process_group()
+        return
     if args.memory_cap is not None:
         data, task, trainer, _ = make("full", world, args.data_dir, args.memory_cap)
         try:
@@ -103,6 +130,10 @@ def main() -> None:
             preds = predictions(task, data)
             if rank == 0:
                 torch.save(preds, args.out_dir / f"{method}.loaded_preds.pt")
+            # resume fit at its last step: restores weights and fused optimizer state, trains nothing, saves again
+            data, task, trainer, _ = make(method, world, args.data_dir)
+            trainer.fit(task, datamodule=data, ckpt_path=args.load / f"{method}.ckpt")
+            trainer.save_checkpoint(args.out_dir / f"{method}.resumed.ckpt")
     if dist.is_initialized():
         dist.destroy_process_group()
 

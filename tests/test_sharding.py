@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from recsys_embed.data import CTRDataModule
+from recsys_embed.methods import available_methods
 from recsys_embed.training import CTRTask, TorchRecStrategy
 from recsys_embed.training.sharding import allowed_sharding_types
 from tests.sharded_worker import METHODS
+from tests.test_cli import TINY as CLI_TINY
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,12 +105,57 @@ def test_a_checkpoint_saved_on_one_rank_loads_on_two(runs: dict[int, Path], meth
     )
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fused_optimizer_state_moves_between_one_and_two_ranks(runs: dict[int, Path], method: str) -> None:
+    def state(path: Path) -> dict[str, torch.Tensor]:
+        saved = torch.load(path, weights_only=False)["fused_optimizer_state"]
+        return {f"{module}/{key}": value for module, states in saved.items() for key, value in states.items()}
+
+    one, two = state(runs[1] / f"{method}.ckpt"), state(runs[2] / f"{method}.ckpt")
+    assert one and set(one) == set(two)
+    assert all(v.abs().sum() > 0 for v in one.values())  # the accumulators moved
+    for key in one:  # 2 ranks accumulated what 1 did
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-7)
+    resumed = state(runs[2] / f"{method}.resumed.ckpt")  # 1-rank state loaded into shards, gathered back
+    assert set(resumed) == set(one)
+    for key in one:
+        torch.testing.assert_close(resumed[key], one[key], rtol=0, atol=0)
+
+
+def test_every_registered_method_shards_and_keeps_its_outputs(tiny_dataset: Path, tmp_path: Path) -> None:
+    results = launch(2, str(tiny_dataset), str(tmp_path), "--forward-all", timeout=180)
+    assert all(r.returncode == 0 for r in results), [r.stderr[-3000:] for r in results]
+    diffs = json.loads((tmp_path / "forward_diff.json").read_text())
+    assert set(diffs) == set(available_methods())
+    assert max(diffs.values()) < 1e-5, diffs
+
+
 def test_a_plan_that_does_not_fit_fails_fast_on_every_rank(tiny_dataset: Path, tmp_path: Path) -> None:
     results = launch(2, str(tiny_dataset), str(tmp_path), "--memory-cap", "1024", timeout=120)
     assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
     for rank in range(2):
         message = (tmp_path / f"plan_error.{rank}.txt").read_text()
         assert "sharding planner found no plan" in message and "memory_cap_bytes" in message
+
+
+def test_cli_fit_on_two_processes_prints_the_plan_and_tests_the_checkpoint(tmp_path: Path) -> None:
+    config = ROOT / "experiments" / "ctr" / "synthetic_dlrm.yaml"
+    args = [*CLI_TINY, "--trainer.strategy=torchrec", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_EMBED_CACHE=str(tmp_path / "cache"))
+    command = [sys.executable, "-m", "recsys_embed.cli", "fit", "--config", str(config), *args]
+    result = subprocess.run(
+        [*command, "--model.embedding.method=qr", "--model.embedding.budget.ratio=4", "--test_after_fit=true"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Sharding plan (4 tables on 2 ranks)" in result.stderr
+    assert "table_wise -> rank" in result.stderr and "memory per rank" in result.stderr
+    assert "test/auc" in result.stdout
+    assert list(tmp_path.glob("runs/synthetic_dlrm/**/checkpoints/last.ckpt"))
 
 
 def test_unknown_sharding_types_are_a_clear_error() -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 from torchrec import EmbeddingBagConfig
+from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from recsys_embed.data.batches import Batch
 from recsys_embed.data.schema import load_id_counts
@@ -33,6 +34,7 @@ from recsys_embed.methods import (
 )
 from recsys_embed.methods.fused import FusedTables
 from recsys_embed.models import DLRM
+from recsys_embed.training.sharding import consolidated_optimizer_state, load_sharded_optimizer_state
 from recsys_embed.training.strategy import TorchRecStrategy
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,7 @@ class CTRTask(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.val_auc, self.test_auc = BinaryAUROC(), BinaryAUROC()
         self.val_logloss, self.test_logloss = MeanMetric(), MeanMetric()
+        self._pending_optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None
         log.info(
             "Embedding %r: %d bytes, ratio %.2f against full fp32 tables (%d bytes)",
             embedding.method,
@@ -174,21 +177,29 @@ class CTRTask(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the fused tables' optimizer state (it lives in fbgemm, outside Lightning's optimizers)."""
+        if isinstance(self.net, DistributedModelParallel):  # a collective: every rank gets here
+            checkpoint["fused_optimizer_state"] = consolidated_optimizer_state(self.net, prefix="net.")
+            return
         checkpoint["fused_optimizer_state"] = {
             name: module.optimizer_state() for name, module in self.named_modules() if isinstance(module, FusedTables)
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the fused optimizer state when the tables are fused already (resuming ``fit``)."""
+        """Restore the fused optimizer state: now if the tables are fused (resuming ``fit`` on one process), at
+        ``on_fit_start`` if the sharding strategy has yet to shard them."""
         saved = checkpoint.get("fused_optimizer_state", {})
         fused = {name: module for name, module in self.named_modules() if isinstance(module, FusedTables)}
         for name, state in saved.items():
             if name in fused:
                 fused[name].load_optimizer_state(state)
-        if saved and not fused:
-            log.info("Checkpoint has fused optimizer state but the tables are not fused: state not restored.")
+        self._pending_optimizer_state = saved if saved and not fused else None
 
     def on_fit_start(self) -> None:
+        pending, self._pending_optimizer_state = self._pending_optimizer_state, None
+        if pending and isinstance(self.net, DistributedModelParallel):
+            load_sharded_optimizer_state(self.net, pending, prefix="net.")
+        elif pending:
+            log.info("Checkpoint has fused optimizer state but the tables are not fused: state not restored.")
         log.info("Sparse optimizer (fused in the tables): %s", asdict(self.sparse_optimizer))
         for logger in self.loggers:
             logger.log_hyperparams(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -39,6 +40,8 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from recsys_embed.methods.fused import SparseOptimizer, check_fusable, fbgemm_fused_params
 
 log = logging.getLogger(__name__)
+# TorchRec 1.8's sharded tables are ShardedTensors, which torch flags as deprecated on every access.
+warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
 
 # Data-parallel tables would get dense gradients and the dense optimizer instead of the fused sparse one, so they
 # are not offered; row-wise sharding needs CUDA in TorchRec.
@@ -146,7 +149,7 @@ def log_plan(plan: ShardingPlan, world: int) -> None:
     log.info("Sharding plan (%d tables on %d ranks):\n  %s", len(lines), world, "\n  ".join(lines))
     log.info(
         "Embedding table memory per rank (fp32 rows, optimizer state not counted): %s",
-        ", ".join(f"rank {r}: {per_rank.get(r, 0) / 2**20:.2f} MiB" for r in range(world)),
+        ", ".join(f"rank {r}: {per_rank.get(r, 0) / 2**20:.3g} MiB" for r in range(world)),
     )
 
 
@@ -177,8 +180,6 @@ def shard_model(
     sharders = [TableSharder(optimizer, sharding_types)]
     plan = plan_sharding(module, sharders, device=device, memory_cap_bytes=memory_cap_bytes, group=group)
     world = dist.get_world_size(group)
-    if dist.get_rank(group) == 0:
-        log_plan(plan, world)
     sharded = DistributedModelParallel(
         module, env=ShardingEnv.from_process_group(group), device=device, plan=plan, sharders=sharders
     )
@@ -186,9 +187,9 @@ def shard_model(
     for name, collection in collections.items():
         keys = [f for table in collection.embedding_bag_configs() for f in table.feature_names]
         sharded.module.get_submodule(name).register_forward_hook(partial(_in_feature_order, keys=keys))
-    log.info(
-        "Sharded %d embedding collection(s) over %d rank(s), sparse optimizer %s", len(collections), world, optimizer
-    )
+    if dist.get_rank(group) == 0:
+        log_plan(plan, world)
+        log.info("Sharded %d collection(s) over %d rank(s), sparse optimizer %s", len(collections), world, optimizer)
     return sharded
 
 
@@ -244,3 +245,74 @@ def consolidated_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         else:
             out[key] = value
     return out
+
+
+def _optimizer_states(module: DistributedModelParallel) -> list[tuple[str, str, str, ShardedTensor]]:
+    """``(collection path, table, state name, sharded state)`` of this rank's fused tables, in a fixed order."""
+    states = []
+    for param_key, named in module.fused_optimizer.state_dict()["state"].items():
+        path, table = param_key.rsplit(".embedding_bags.", 1)
+        for name in sorted(named):
+            states.append((path, table.removesuffix(".weight"), name, named[name]))
+    return states
+
+
+def consolidated_optimizer_state(
+    module: DistributedModelParallel, prefix: str = ""
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The fused optimizer state (e.g. row-wise Adagrad accumulators) of every sharded table, gathered on rank 0.
+
+    A collective. The layout equals :meth:`FusedTables.optimizer_state` per collection,
+    ``{prefix + path: {f"{table}.{i}": tensor}}``, so the state moves between sharded and unsharded runs. Shards
+    of a row-wise state that repeat the same rows (column-wise sharding) are averaged (equal-width shards make that
+    the whole row's mean).
+    """
+    local = [
+        (
+            path,
+            table,
+            name,
+            tuple(state.size()),
+            [(s.metadata.shard_offsets, s.tensor.cpu()) for s in state.local_shards()],
+        )
+        for path, table, name, state in _optimizer_states(module)
+    ]
+    rank = dist.get_rank()
+    gathered: list[object] | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    if gathered is None:
+        return {}
+    totals: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for path, table, name, size, shards in (entry for rank_states in gathered for entry in rank_states):  # type: ignore[union-attr]
+        total, count = totals.setdefault((path, table, name), (torch.zeros(size), torch.zeros(size)))
+        for offsets, tensor in shards:
+            index = tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))
+            total[index] += tensor
+            count[index] += 1
+    out: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for (path, table, name), (total, count) in sorted(totals.items()):
+        index = sum(1 for p, t, _ in totals if p == path and t == table and _ < name)
+        out[prefix + path][f"{table}.{index}"] = total / count.clamp(min=1)
+    return dict(out)
+
+
+def load_sharded_optimizer_state(
+    module: DistributedModelParallel, saved: Mapping[str, Mapping[str, torch.Tensor]], prefix: str = ""
+) -> None:
+    """Copy what :func:`consolidated_optimizer_state` (or unsharded ``FusedTables``) saved into this rank's shards."""
+    states = _optimizer_states(module)
+    by_table: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for path, table, name, _ in states:
+        by_table[(path, table)].append(name)
+    with torch.no_grad():
+        for path, table, name, state in states:
+            key = f"{table}.{by_table[(path, table)].index(name)}"
+            source = saved.get(prefix + path, {}).get(key)
+            if source is None or tuple(source.shape) != tuple(state.size()):
+                raise ValueError(
+                    f"The checkpoint has no fused optimizer state {prefix + path}/{key} of shape "
+                    f"{tuple(state.size())}: it was written with other tables or another sparse optimizer."
+                )
+            for shard in state.local_shards():
+                meta = shard.metadata
+                shard.tensor.copy_(source[tuple(slice(o, o + n) for o, n in zip(meta.shard_offsets, meta.shard_sizes))])
