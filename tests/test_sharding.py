@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from recsys_embed.cli import main
 from recsys_embed.data import CTRDataModule
-from recsys_embed.methods import available_methods
-from recsys_embed.training import CTRTask, TorchRecStrategy
+from recsys_embed.methods import SparseOptimizer, available_methods
+from recsys_embed.training import CTRTask, TorchRecStrategy, shard_model
 from recsys_embed.training.sharding import allowed_sharding_types
 from tests.sharded_worker import METHODS
 from tests.test_cli import TINY as CLI_TINY
@@ -25,6 +27,7 @@ from tests.test_cli import TINY as CLI_TINY
 WORKER = Path(__file__).with_name("sharded_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
+CONFIG = ROOT / "experiments" / "ctr" / "synthetic_dlrm.yaml"
 
 
 def free_port() -> int:
@@ -139,10 +142,9 @@ def test_a_plan_that_does_not_fit_fails_fast_on_every_rank(tiny_dataset: Path, t
 
 
 def test_cli_fit_on_two_processes_prints_the_plan_and_tests_the_checkpoint(tmp_path: Path) -> None:
-    config = ROOT / "experiments" / "ctr" / "synthetic_dlrm.yaml"
     args = [*CLI_TINY, "--trainer.strategy=torchrec", "--trainer.devices=2", "--trainer.accelerator=cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_EMBED_CACHE=str(tmp_path / "cache"))
-    command = [sys.executable, "-m", "recsys_embed.cli", "fit", "--config", str(config), *args]
+    command = [sys.executable, "-m", "recsys_embed.cli", "fit", "--config", str(CONFIG), *args]
     result = subprocess.run(
         [*command, "--model.embedding.method=qr", "--model.embedding.budget.ratio=4", "--test_after_fit=true"],
         cwd=tmp_path,
@@ -164,3 +166,17 @@ def test_unknown_sharding_types_are_a_clear_error() -> None:
     assert "row_wise" in allowed_sharding_types("cuda")
     with pytest.raises(ValueError, match="memory_cap_bytes must be positive"):
         TorchRecStrategy(memory_cap_bytes=0)
+
+
+def test_sharding_without_a_process_group_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="init_process_group first"):
+        shard_model(torch.nn.Linear(2, 2), SparseOptimizer(), device=torch.device("cpu"))
+
+
+def test_strategy_options_come_from_a_config_class_path(capsys: pytest.CaptureFixture[str]) -> None:
+    strategy = "{class_path: recsys_embed.training.TorchRecStrategy, init_args: {memory_cap_bytes: 1000000}}"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIG), f"--trainer.strategy={strategy}", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
+    assert printed["class_path"] == "recsys_embed.training.TorchRecStrategy"
+    assert printed["init_args"]["memory_cap_bytes"] == 1000000

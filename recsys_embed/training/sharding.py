@@ -20,6 +20,7 @@ Example (inside a process group, e.g. under ``torchrun``)::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -37,6 +38,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
+from recsys_embed.methods.base import FP32_BYTES
 from recsys_embed.methods.fused import SparseOptimizer, check_fusable, fbgemm_fused_params
 
 log = logging.getLogger(__name__)
@@ -137,8 +139,7 @@ def describe_plan(plan: ShardingPlan) -> tuple[list[str], dict[int, int]]:
             placed = []
             for shard in shards:
                 rank = shard.placement.rank()
-                size = shard.shard_sizes[0] * (shard.shard_sizes[1] if len(shard.shard_sizes) > 1 else 1)
-                per_rank[rank] += size * 4
+                per_rank[rank] += math.prod(shard.shard_sizes) * FP32_BYTES
                 placed.append(f"rank {rank} {'x'.join(map(str, shard.shard_sizes))}")
             lines.append(f"{module_path}.{table}: {sharding.sharding_type} -> {', '.join(placed)}")
     return lines, dict(per_rank)

@@ -24,10 +24,14 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import Module
@@ -52,24 +56,43 @@ class TorchRecStrategy(DDPStrategy):
             ``column_wise``, ``table_column_wise``, plus ``row_wise``/``table_row_wise`` on CUDA).
         memory_cap_bytes: table storage per rank the planner may use (host memory on CPU, HBM on CUDA); default:
             the planner's own topology defaults. A plan that does not fit fails on every rank with its message.
-        **kwargs: passed to Lightning's ``DDPStrategy`` (e.g. ``process_group_backend``, ``timeout``).
+        process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy`` (default backend: gloo on
+            CPU, NCCL on CUDA).
     """
 
     strategy_name = "torchrec"
 
     def __init__(
-        self, sharding_types: list[str] | None = None, memory_cap_bytes: int | None = None, **kwargs: Any
+        self,
+        sharding_types: list[str] | None = None,
+        memory_cap_bytes: int | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method)
         if memory_cap_bytes is not None and memory_cap_bytes <= 0:
             raise ValueError(f"memory_cap_bytes must be positive (got {memory_cap_bytes}).")
         self.sharding_types = sharding_types
         self.memory_cap_bytes = memory_cap_bytes
 
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.root_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Each process would use every core: N processes on C cores then fight over them (fbgemm's OpenMP
+            # kernels slow down 10-100x). Split the cores, as torchrun does with OMP_NUM_THREADS.
+            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes or 1)))
+            threads = max(1, (os.cpu_count() or 1) // local)
+            torch.set_num_threads(threads)
+            log.info(
+                "CPU threads per process: %d (%d processes on this node; set OMP_NUM_THREADS to override)",
+                threads,
+                local,
+            )
+
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
-        self.model_to_device()
         module = self.lightning_module
         net, optimizer = getattr(module, "net", None), getattr(module, "sparse_optimizer", None)
         if not isinstance(net, Module) or not isinstance(optimizer, SparseOptimizer):
@@ -86,6 +109,7 @@ class TorchRecStrategy(DDPStrategy):
                 sharding_types=self.sharding_types,
                 memory_cap_bytes=self.memory_cap_bytes,
             )
+        self.model_to_device()  # after sharding: the whole tables never sit on one device
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
