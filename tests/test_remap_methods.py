@@ -61,9 +61,14 @@ def physical_ids(emb: EmbeddingMethod, kjt: KeyedJaggedTensor) -> dict[str, torc
     """Physical key -> its remapped rows (in the input's id order).
 
     Methods that fold their ``k`` rows into each bag (``multi_hash``) are split back into keys ``f@c``; this needs
-    one id per bag, which is how these tests call it.
+    one id per bag, which is how these tests call it. Methods that put copy ``c`` in the ``c``-th block of bags
+    (``qr`` ``mult``: the remapped stride is ``k`` times the batch) are split the same way.
     """
-    remapped = {k: v.values() for k, v in emb.remap(kjt).to_dict().items()}  # type: ignore[attr-defined]
+    physical = emb.remap(kjt)  # type: ignore[attr-defined]
+    remapped = {k: v.values() for k, v in physical.to_dict().items()}
+    if physical.stride() != kjt.stride():
+        copies = physical.stride() // kjt.stride()
+        return {f"{f}@{c}": rows.view(copies, -1)[c] for f, rows in remapped.items() for c in range(copies)}
     fold = getattr(emb, "fold", None)
     if fold is None:
         return remapped
@@ -123,6 +128,34 @@ def test_qr_mult_pools_partitions_before_multiplying() -> None:
     kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([3, 5]), lengths=torch.tensor([2]))
     rows = weight(qr, "t0").detach()
     torch.testing.assert_close(qr(kjt).values()[0], 2 * (rows[1 + 3] + rows[1 + 5]))
+
+
+@pytest.mark.parametrize("partitions", [2, 3])
+def test_qr_mult_output_and_gradients_equal_the_pooled_product_by_hand(partitions: int) -> None:
+    """Bags of several ids, tables of two dims: each partition's rows pooled over the bag, then multiplied; the
+    table's gradient equals autograd's through that definition."""
+    tables = [table("a", 7, 4, ["f0"]), table("b", 50, 8, ["f1", "f2"]), table("c", 300, 8, ["f3"])]
+    torch.manual_seed(0)
+    qr = build_embedding("qr", tables, collisions=[2, 3, 5], partitions=partitions, operation="mult")
+    kjt = all_features_kjt(tables, batch=6, max_len=4, seed=2)
+    out = qr(kjt).to_dict()
+    grads = {f: torch.randn_like(v) for f, v in out.items()}
+    sum((out[f] * grads[f]).sum() for f in out).backward()
+
+    rows = physical_ids(qr, kjt)
+    reference = {t.name: weight(qr, t.name).detach().clone().requires_grad_() for t in tables}
+    total = torch.zeros(())
+    for t in tables:
+        for f in t.feature_names:
+            bags = kjt[f].lengths().tolist()
+            parts = [torch.split(reference[t.name][rows[f"{f}@{c}"]], bags) for c in range(partitions)]
+            for b in range(len(bags)):
+                expected = math.prod(parts[c][b].sum(0) for c in range(partitions))
+                torch.testing.assert_close(out[f][b], expected.detach())
+                total = total + (expected * grads[f][b]).sum()
+    total.backward()
+    for t in tables:
+        torch.testing.assert_close(weight(qr, t.name).grad, reference[t.name].grad)
 
 
 @pytest.mark.parametrize(("partitions", "base"), [(2, 100), (2, 7), (3, 22), (3, 5)])
@@ -647,6 +680,7 @@ FUSED_CASES: list[tuple[str, list[EmbeddingBagConfig], dict[str, object]]] = [
     ("qr", MIXED, {"collisions": [1, 4, 9], "operation": "mult"}),
     ("qr", MIXED, {"collisions": 5, "operation": "add", "partitions": 3}),
     ("qr", MIXED, {"collisions": 6, "operation": "concat"}),
+    ("qr_path", MIXED, {"collisions": [1, 4, 9]}),
     ("unified", MIXED, {"rows": 300, "chunk_dim": 8}),
     ("unified", MIXED, {"rows": 3100, "hash": "identity", "chunk_dim": 4}),
     ("adapt", MIXED, {"rows": 60, "id_counts": zipf_counts(MIXED)}),
@@ -734,6 +768,7 @@ def test_big_ids_on_small_unhashed_tables_are_a_clear_error(name: str) -> None:
         ("multi_hash", {"rows": 100}),
         ("adapt", {"rows": 100, "id_counts": zipf_counts([table("t0", 3000, 8, ["a", "b"])])}),
         ("qr", {"collisions": 7}),
+        ("qr_path", {"collisions": 7}),
         ("mde", {"alpha": 0.5}),
     ],
 )
@@ -774,7 +809,7 @@ def test_qr_path_with_one_collision_and_identity_maps_equals_full() -> None:
     path = build_embedding("qr_path", tables, collisions=1)
     full = build_embedding("full", tables)
     for t in tables:
-        weight(path, f"{t.name}@rows").data.copy_(weight(full, t.name))  # maps start at the identity
+        weight(path, t.name).data.copy_(weight(full, t.name))  # maps start at the identity
     kjt = random_kjt(tables, batch=6, max_len=1, seed=2)
     torch.testing.assert_close(path(kjt).values(), full(kjt).values())
 
@@ -783,14 +818,45 @@ def test_qr_path_applies_the_remainders_map_to_the_quotient_row() -> None:
     tables = make_tables((100,), dim=4)
     path = build_embedding("qr_path", tables, collisions=7)
     torch.manual_seed(0)
-    maps, rows = weight(path, "t0@maps"), weight(path, "t0@rows")
+    maps, rows = path.maps["t0"], weight(path, "t0")
+    assert maps.shape == (7, 4, 4) and rows.shape == (15, 4)
     maps.data.normal_()
     x = torch.tensor([0, 13, 99])
     out = path(one_id_per_bag({"f0": x})).values().detach()
     for i, v in enumerate(x.tolist()):
-        expected = maps[v % 7].detach().view(4, 4) @ rows[v // 7].detach()
+        expected = maps[v % 7].detach() @ rows[v // 7].detach()
         torch.testing.assert_close(out[i], expected)
     assert path.memory_bytes() == (7 * 16 + 15 * 4) * 4
+
+
+def test_qr_path_pools_maps_and_rows_per_bag_with_exact_gradients() -> None:
+    """Bags of several ids and mixed dims: (sum of the bag's maps) @ (sum of its quotient rows), and the gradients
+    of both parts equal autograd's through that definition (computed densely by hand)."""
+    tables = [table("a", 7, 4, ["f0"]), table("b", 50, 8, ["f1", "f2"]), table("c", 300, 8, ["f3"])]
+    torch.manual_seed(0)
+    path = build_embedding("qr_path", tables, collisions=[2, 3, 11])
+    for maps in path.maps.values():
+        maps.data.normal_()
+    kjt = all_features_kjt(tables, batch=5, max_len=4, seed=1)
+    out = path(kjt).to_dict()
+    grads = {f: torch.randn_like(v) for f, v in out.items()}
+    sum((out[f] * grads[f]).sum() for f in out).backward()
+
+    maps = {t.name: path.maps[t.name].detach().clone().requires_grad_() for t in tables}
+    rows = {t.name: weight(path, t.name).detach().clone().requires_grad_() for t in tables}
+    total = torch.zeros(())
+    for t, base in zip(tables, path.bases):
+        for f in t.feature_names:
+            for b, ids in enumerate(kjt.to_dict()[f].to_dense()):
+                pooled_map = sum((maps[t.name][x % base] for x in ids.tolist()), torch.zeros(t.embedding_dim, 1))
+                pooled_row = sum((rows[t.name][x // base] for x in ids.tolist()), torch.zeros(t.embedding_dim))
+                expected = pooled_map @ pooled_row if len(ids) else torch.zeros(t.embedding_dim)
+                torch.testing.assert_close(out[f][b], expected.detach())
+                total = total + (expected * grads[f][b]).sum()
+    total.backward()
+    for t in tables:
+        torch.testing.assert_close(path.maps[t.name].grad, maps[t.name].grad)
+        torch.testing.assert_close(weight(path, t.name).grad, rows[t.name].grad)
 
 
 def test_qr_path_budget_solver_and_errors() -> None:

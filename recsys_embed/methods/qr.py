@@ -8,9 +8,11 @@ are complementary, so every id keeps a unique combination and a unique embedding
 ``mult`` (elementwise product, the paper's default), ``add`` or ``concat`` (each partition ``d / k`` wide). As in
 the authors' DLRM ``QREmbeddingBag``, bags are pooled per partition before combining.
 
-All ``k`` partitions of a table are stacked in one TorchRec table (partition ``c`` at a row offset), read as ``k``
-physical features (``add`` puts the ``k`` rows into the id's own bag so fbgemm's pooling sums them), so one fbgemm
-lookup serves all of them. Ids use int64 integer division, never floats.
+All ``k`` partitions of a table are stacked in one TorchRec table (partition ``c`` at a row offset), so one fbgemm
+lookup serves all of them: ``mult`` reads them as ``k`` blocks of bags of the logical feature (bag ``c * B + b``
+pools partition ``c`` of example ``b``; fbgemm's CPU kernels are faster on ``k * B`` bags than on ``k`` features),
+``concat`` as ``k`` physical features ``f@c``, and ``add`` puts the ``k`` rows into the id's own bag so fbgemm's
+pooling sums them. Ids use int64 integer division, never floats.
 
 Memory: per table ``((k - 1) * b + ceil(n / b^(k-1))) * d' * 4`` bytes with ``d' = d`` (``d / k`` for concat).
 With ``b = 1`` a table degenerates to a full table plus ``k - 1`` constant rows (used for small tables). The budget
@@ -32,14 +34,23 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from torch.autograd.function import once_differentiable
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import BagFold, FanOut, keyed, largest_fitting, physical_keys, value_features
+from recsys_embed.methods.remap import (
+    BagFold,
+    BatchFanOut,
+    FanOut,
+    keyed,
+    largest_fitting,
+    per_value,
+    physical_keys,
+)
 
 log = logging.getLogger(__name__)
 Operation = Literal["mult", "add", "concat"]
@@ -60,6 +71,31 @@ def smallest_base(n: int, k: int, cap: int) -> int | None:
         if partition_rows(n, base, k) <= cap:
             return base
     return None
+
+
+class _PartitionProduct(torch.autograd.Function):
+    """``x[0] * x[1] * ... * x[k - 1]`` over the first dim of ``(k, B, D)`` (left to right, as ``math.prod``).
+
+    The backward writes each partition's gradient (``grad`` times the other partitions) into one ``(k, B, D)``
+    buffer; autograd's own graph (``unbind`` + products) builds ``k`` separate tensors and stacks them. No division,
+    so zeros are safe (unlike ``torch.prod``'s backward).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, parts: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(parts)
+        factors = parts.unbind(0)
+        return math.prod(factors[1:], start=factors[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (parts,) = ctx.saved_tensors
+        out = torch.empty_like(parts)
+        for c in range(parts.shape[0]):
+            others = [parts[j] for j in range(parts.shape[0]) if j != c]
+            torch.mul(grad, math.prod(others[1:], start=others[0]), out=out[c])
+        return out
 
 
 @register("qr")
@@ -95,13 +131,19 @@ class QREmbedding(EmbeddingMethod):
         self.bases, self.partitions, self.operation = bases, partitions, operation
         k = partitions
         width = {t.name: t.embedding_dim // k if operation == "concat" else t.embedding_dim for t in self._tables}
-        # add: the k partition rows of an id share its bag (fbgemm sums them); mult/concat: one feature per partition
-        split = FanOut if operation != "add" else BagFold
-        self.rewrite = split(self._feature_names, [k] * len(self._feature_names))
+        # add: the k partition rows of an id share its bag (fbgemm sums them); mult: one block of bags per partition;
+        # concat: one feature per partition (its pooled layout (B, F, k, d / k) is already the output's)
+        self.rewrite: BagFold | BatchFanOut | FanOut
+        if operation == "add":
+            self.rewrite = BagFold(self._feature_names, [k] * len(self._feature_names))
+        elif operation == "mult":
+            self.rewrite = BatchFanOut(self._feature_names, k)
+        else:
+            self.rewrite = FanOut(self._feature_names, [k] * len(self._feature_names))
         physical = []
         for t, base in zip(self._tables, bases):
             names = (
-                t.feature_names if operation == "add" else physical_keys(t.feature_names, [k] * len(t.feature_names))
+                physical_keys(t.feature_names, [k] * len(t.feature_names)) if operation == "concat" else t.feature_names
             )
             rows = partition_rows(t.num_embeddings, base, k)
             physical.append(replace(t, num_embeddings=rows, embedding_dim=width[t.name], feature_names=names))
@@ -127,30 +169,25 @@ class QREmbedding(EmbeddingMethod):
                     weight.uniform_(-bound * scale, bound * scale)
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Physical KJT: partition ``c`` of an id reads row ``c * base + digit_c`` (feature ``f@c``, or the id's bag
-        for ``add``)."""
-        feature = value_features(features)
+        """Physical KJT: partition ``c`` of an id reads row ``c * base + digit_c`` (in bag ``c * B + b`` for
+        ``mult``, feature ``f@c`` for ``concat``, the id's own bag for ``add``)."""
         values = features.values()
-        base = self.base[feature]
+        base = per_value(self.base, features)
         rows, rest = [], values
         for c in range(self.partitions - 1):
-            rows.append(c * base + torch.remainder(rest, base))
-            rest = torch.div(rest, base, rounding_mode="floor")
+            quotient = torch.div(rest, base, rounding_mode="floor")
+            rows.append(c * base + (rest - quotient * base))  # the remainder, without a second division
+            rest = quotient
         rows.append((self.partitions - 1) * base + rest)
         return self.rewrite(features, torch.stack(rows))
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         pooled = self.tables(self.remap(features)).values()
-        k, dims, batch = self.partitions, self._length_per_key, pooled.shape[0]
-        if self.operation in ("add", "concat"):  # add: summed by fbgemm's pooling; concat: already side by side
+        if self.operation == "mult":  # (k * B, sum d): partition c of example b in row c * B + b
+            combined = _PartitionProduct.apply(pooled.view(self.partitions, features.stride(), -1))
+        else:  # add: summed by fbgemm's pooling; concat: already side by side
             combined = pooled
-        elif len(set(dims)) == 1:  # a product of k slices (``prod``'s backward is slow and zero-sensitive)
-            parts = pooled.view(batch, len(dims), k, dims[0]).unbind(2)
-            combined = math.prod(parts[1:], start=parts[0]).reshape(batch, -1)
-        else:
-            split = torch.split(pooled, [k * d for d in dims], dim=1)
-            combined = torch.cat([math.prod(p.view(batch, k, d).unbind(1)) for p, d in zip(split, dims)], dim=1)
-        return keyed(combined, self._feature_names, dims)
+        return keyed(combined, self._feature_names, self._length_per_key)
 
     def memory_bytes(self) -> int:
         return self.table_bytes(self._tables, self.bases, self.partitions, self.operation)

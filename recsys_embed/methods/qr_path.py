@@ -5,10 +5,14 @@ compositional embeddings): instead of combining the two partitions' vectors elem
 reads a row ``q`` of a table, and the remainder ``x % b`` chooses a small function (here a ``d x d`` linear map
 ``W_r``) applied to it: ``e(x) = W_{x % b} q_{x // b}``. Complementary partitions keep every id's path unique.
 
-Both parts are plain TorchRec tables, so they train on fbgemm and shard like full tables: the maps are rows of a
-``b x d^2`` table (one flattened matrix per row), the quotient rows a ``ceil(n / b) x d`` table. As with ``qr``'s
-``mult`` (and the authors' DLRM code), each part is pooled over the bag before combining; for one id per bag that
-is exactly ``W_r q``. The maps start at the identity, so the initial vectors have a full table's scale.
+Storage: the quotient rows are a plain TorchRec table of ``ceil(n / b) x d`` (the table's own name), so they train
+on fbgemm with the fused sparse optimizer and shard like a full table; the KJT only has its ids divided by ``b``.
+The maps are a small dense parameter ``maps.{table}`` of shape ``(b, d, d)`` per table (``b ~ sqrt(n / d)``),
+trained by the dense optimizer and replicated across ranks. As with ``qr``'s ``mult`` (and the authors' DLRM code),
+each part is pooled over the bag before combining: a bag ``S`` gives ``(sum_{x in S} W_{x % b}) (sum_{x in S}
+q_{x // b})``, which for one id per bag is exactly ``W_r q``. It is computed as ``sum_{x in S} W_{x % b} q_S``
+with weighted ``torch.nn.functional.embedding_bag`` calls (forward and both gradients), never materialising a
+``d x d`` matrix per id or per bag. The maps start at the identity, so the initial vectors have a full table's scale.
 
 Memory: ``sum_t (b_t * d^2 + ceil(n_t / b_t) * d) * 4`` bytes. The budget solver caps the bytes of every table and
 picks, per table, the smallest base (fewest collisions) under the cap.
@@ -24,13 +28,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.functional import embedding_bag
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, keyed, largest_fitting, value_features
+from recsys_embed.methods.remap import keyed, largest_fitting, per_value
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +57,93 @@ def smallest_path_base(n: int, d: int, cap: int) -> int | None:
     return None
 
 
+class _ApplyMaps(torch.autograd.Function):
+    """``out[s] = (sum_{i in bag s} maps[index[i]]) @ rows[s]`` for ``(R, d, d)`` maps and pooled ``(S, d)`` rows.
+
+    Each of the three products (forward, gradient of the rows, gradient of the maps) is one weighted
+    ``embedding_bag`` over ``d``-wide rows (``N * d`` lookups for ``N`` ids), so no ``(N, d, d)`` tensor is built:
+
+    * forward: ``maps[r] @ q = sum_k q[k] * maps[r][:, k]``, the maps' columns weighted by the bag's ``q``;
+    * rows: ``sum_i maps[r_i]^T g = sum_i sum_j g[j] * maps[r_i][j, :]``, the maps' rows weighted by the output's
+      gradient, pooled per bag;
+    * maps: ``grad maps[r][j, :] = sum_{i: index[i] = r} g_i[j] q_i``, bags ``(j, r)`` over the ids sorted by map.
+
+    ``bag[i]`` is the bag of id ``i``, or None when every bag holds exactly one id (then ids and bags coincide).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        maps: torch.Tensor,
+        rows: torch.Tensor,
+        index: torch.Tensor,
+        offsets: torch.Tensor,
+        bag: torch.Tensor | None,
+    ) -> torch.Tensor:
+        d = maps.shape[-1]
+        lookups = (index.unsqueeze(1) * d + torch.arange(d, device=index.device, dtype=index.dtype)).view(-1)
+        per_id = rows if bag is None else rows.index_select(0, bag)
+        ctx.save_for_backward(maps, per_id, index, offsets, lookups, bag)
+        columns = maps.transpose(1, 2).reshape(-1, d)  # row r * d + k is column k of map r
+        return embedding_bag(
+            lookups, columns, offsets * d, mode="sum", per_sample_weights=per_id.view(-1), include_last_offset=True
+        )
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        maps, per_id, index, offsets, lookups, bag = ctx.saved_tensors
+        count, d, ids = maps.shape[0], maps.shape[-1], index.numel()
+        grad = grad.contiguous()
+        grad_per_id = grad if bag is None else grad.index_select(0, bag)
+        grad_maps = grad_rows = None
+        if ctx.needs_input_grad[1]:
+            grad_rows = embedding_bag(
+                lookups,
+                maps.reshape(-1, d),
+                offsets * d,
+                mode="sum",
+                per_sample_weights=grad_per_id.view(-1),
+                include_last_offset=True,
+            )
+        if ctx.needs_input_grad[0]:
+            order = torch.sort(index).indices.to(index.dtype)
+            starts = torch.zeros(count + 1, dtype=torch.int64, device=index.device)
+            starts[1:] = torch.cumsum(torch.bincount(index, minlength=count), 0)
+            # bag (j, r) sums per_id[i] * g_i[j] over the ids i of map r: the same sorted ids for every j
+            bags = (torch.arange(d, device=index.device).unsqueeze(1) * ids + starts[:-1]).view(-1)
+            summed = embedding_bag(
+                order.expand(d, -1).reshape(-1),
+                per_id,
+                torch.cat([bags, bags.new_tensor([d * ids])]).to(index.dtype),
+                mode="sum",
+                per_sample_weights=grad_per_id.index_select(0, order).t().reshape(-1),
+                include_last_offset=True,
+            )
+            grad_maps = summed.view(d, count, d).transpose(0, 1)
+        return grad_maps, grad_rows, None, None, None
+
+
+def _batch_major(lengths: torch.Tensor, ids: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For bags ``lengths`` of shape ``(F, B)`` (a KJT's feature-major order): the feature-major position of every
+    id in batch-major order (bag ``(b, f)`` first by ``b``, as TorchRec's pooled output), the batch-major bag
+    offsets, and the batch-major bag of every id (None when every bag holds one id)."""
+    bags, device = lengths.numel(), lengths.device
+    if ids == bags and bool((lengths == 1).all()):
+        order = torch.arange(bags, device=device).view(lengths.shape).t().reshape(-1)
+        return order, torch.arange(bags + 1, device=device), None
+    by_batch = lengths.t().reshape(-1)
+    offsets = torch.zeros(bags + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(by_batch, 0)
+    first = (torch.cumsum(lengths.reshape(-1), 0) - lengths.reshape(-1)).view(lengths.shape).t().reshape(-1)
+    bag = torch.repeat_interleave(torch.arange(bags, device=device), by_batch, output_size=ids)
+    order = first[bag] + torch.arange(ids, device=device) - offsets[bag]
+    return order, offsets, bag
+
+
 @register("qr_path")
 class QRPathEmbedding(EmbeddingMethod):
-    """``e(x) = W_{x % b} q_{x // b}``: per-remainder ``d x d`` maps on quotient rows."""
+    """``e(x) = W_{x % b} q_{x // b}``: per-remainder dense ``d x d`` maps on quotient rows of a TorchRec table."""
 
     budget_knobs = ("collisions",)
 
@@ -68,56 +161,78 @@ class QRPathEmbedding(EmbeddingMethod):
             raise ValueError(
                 f"Method 'qr_path': collisions must be >= 1, one value or one per table (got {collisions})."
             )
-        if any(t.embedding_dim % 2 for t in self._tables):
-            raise ValueError("Method 'qr_path' needs even embedding dims (each map is a d*d row, a multiple of 4).")
         self.bases = bases
-        self.fan_out = FanOut(self._feature_names, [2] * len(self._feature_names))
-        physical = []
-        for t, base in zip(self._tables, bases):
-            maps, quotients = [f"{f}@0" for f in t.feature_names], [f"{f}@1" for f in t.feature_names]
-            d = t.embedding_dim
-            physical.append(
-                EmbeddingBagConfig(name=f"{t.name}@maps", num_embeddings=base, embedding_dim=d * d, feature_names=maps)
-            )
-            physical.append(
-                EmbeddingBagConfig(
-                    name=f"{t.name}@rows",
-                    num_embeddings=-(-t.num_embeddings // base),
-                    embedding_dim=d,
-                    feature_names=quotients,
-                )
-            )
         dev = torch.device(device or "cpu")
+        physical = [replace(t, num_embeddings=-(-t.num_embeddings // b)) for t, b in zip(self._tables, bases)]
         self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+        self.maps = nn.ParameterDict(
+            {
+                t.name: nn.Parameter(torch.eye(t.embedding_dim, device=dev).expand(b, -1, -1).contiguous())
+                for t, b in zip(self._tables, bases)
+            }
+        )
+        with torch.no_grad():
+            for t in self._tables:
+                bound = math.sqrt(1.0 / t.num_embeddings)
+                self.tables.embedding_bags[t.name].weight.uniform_(-bound, bound)
+        # runs of consecutive tables of one dim share one combine: (their tables, first feature, end feature)
+        self._runs: list[tuple[list[int], int, int]] = []
+        feature = 0
+        for i, t in enumerate(self._tables):
+            n = len(t.feature_names)
+            if self._runs and self._tables[self._runs[-1][0][0]].embedding_dim == t.embedding_dim:
+                run, first, end = self._runs[-1]
+                self._runs[-1] = (run + [i], first, end + n)
+            else:
+                self._runs.append(([i], feature, feature + n))
+            feature += n
+        # per feature: its table's first map among the stacked maps of its run
+        first_map = [
+            sum(bases[j] for j in run[: run.index(i)])
+            for run, _, _ in self._runs
+            for i in run
+            for _ in self._tables[i].feature_names
+        ]
         base_of = {f: b for t, b in zip(self._tables, bases) for f in t.feature_names}
         self.register_buffer(
             "base", torch.tensor([base_of[f] for f in self._feature_names], device=dev), persistent=False
         )
-        with torch.no_grad():
-            for t in self._tables:
-                d, bound = t.embedding_dim, math.sqrt(1.0 / t.num_embeddings)
-                identity = torch.eye(d, device=dev).reshape(-1)
-                self.tables.embedding_bags[f"{t.name}@maps"].weight.copy_(
-                    identity.expand_as(self.tables.embedding_bags[f"{t.name}@maps"].weight)
-                )
-                self.tables.embedding_bags[f"{t.name}@rows"].weight.uniform_(-bound, bound)
+        self.register_buffer("first_map", torch.tensor(first_map, device=dev), persistent=False)
+
+    def _digits(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per id: its quotient row ``x // b`` and its map ``x % b`` (as a row of its run's stacked maps)."""
+        values, base = features.values(), per_value(self.base, features)
+        quotients = torch.div(values, base, rounding_mode="floor")
+        return quotients, values - quotients * base + per_value(self.first_map, features)
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Physical KJT: ``f@0`` reads the map ``x % b``, ``f@1`` the quotient row ``x // b``."""
-        base = self.base[value_features(features)]
-        values = features.values()
-        rows = torch.stack([torch.remainder(values, base), torch.div(values, base, rounding_mode="floor")])
-        return self.fan_out(features, rows)
+        """Physical KJT of the quotient table: the same features and bags, ids ``x // b``."""
+        return KeyedJaggedTensor(
+            keys=features.keys(),
+            values=self._digits(features)[0],
+            lengths=features.lengths(),
+            stride=features.stride(),
+        )
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        pooled = self.tables(self.remap(features)).values()
-        batch, dims = pooled.shape[0], self._length_per_key
-        parts = torch.split(pooled, [p for d in dims for p in (d * d, d)], dim=1)
-        out = [
-            torch.bmm(maps.view(batch, d, d), rows.unsqueeze(2)).squeeze(2)
-            for maps, rows, d in zip(parts[0::2], parts[1::2], dims)
-        ]
-        return keyed(torch.cat(out, dim=1), self._feature_names, dims)
+        batch, lengths, per_key = features.stride(), features.lengths(), features.length_per_key()
+        quotients, maps_of_ids = self._digits(features)
+        physical = KeyedJaggedTensor(keys=features.keys(), values=quotients, lengths=lengths, stride=batch)
+        pooled = self.tables(physical).values()  # (B, sum d): each bag's pooled quotient rows, batch-major
+        out, column = [], 0
+        for run, first, end in self._runs:
+            d, count = self._tables[run[0]].embedding_dim, end - first
+            start, stop = sum(per_key[:first]), sum(per_key[:end])
+            order, offsets, bag = _batch_major(lengths[first * batch : end * batch].view(count, batch), stop - start)
+            stacked = [self.maps[self._tables[i].name] for i in run]
+            maps = torch.cat(stacked) if len(stacked) > 1 else stacked[0]
+            index = maps_of_ids[start:stop][order]
+            if maps.shape[0] * d < 2**31 and (stop - start) * d < 2**31:  # int32 lookups: less memory traffic
+                index, offsets = index.to(torch.int32), offsets.to(torch.int32)
+            rows = pooled[:, column : column + count * d].reshape(-1, d)  # a view when one run holds every table
+            column += count * d
+            out.append(_ApplyMaps.apply(maps, rows, index, offsets, bag).view(batch, count * d))
+        return keyed(torch.cat(out, dim=1) if len(out) > 1 else out[0], self._feature_names, self._length_per_key)
 
     def memory_bytes(self) -> int:
         return sum(path_bytes(t.num_embeddings, t.embedding_dim, b) for t, b in zip(self._tables, self.bases))

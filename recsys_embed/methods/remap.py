@@ -1,8 +1,9 @@
 """Vectorized KJT rewriting shared by the id-remap methods (hash, multi-hash, QR, unified, adapt, MDE).
 
-A remap method turns each logical feature into ``k`` physical features (``"{feature}@{c}"``) whose ids are rows of
-plain TorchRec tables, runs one ``EmbeddingBagCollection`` lookup (fbgemm TBE once fused or sharded) and combines
-the ``k`` rows of each id (sum inside the bag, concatenation, product). All helpers work on whole batches.
+A remap method turns each logical feature into ``k`` physical features (``"{feature}@{c}"``), ``k`` blocks of bags
+of the same feature, or ``k`` ids per bag, whose ids are rows of plain TorchRec tables, runs one
+``EmbeddingBagCollection`` lookup (fbgemm TBE once fused or sharded) and combines the ``k`` rows of each id (sum
+inside the bag, concatenation, product). All helpers work on whole batches.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ def value_features(features: KeyedJaggedTensor) -> torch.Tensor:
     return torch.arange(len(lengths), device=values.device).repeat_interleave(lengths, output_size=values.numel())
 
 
+def per_value(per_feature: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
+    """``per_feature[value_features(features)]`` (one entry per id), as one ``repeat_interleave``."""
+    values = features.values()
+    lengths = torch.tensor(features.length_per_key(), device=values.device)
+    return per_feature.repeat_interleave(lengths, output_size=values.numel())
+
+
 class FanOut:
     """Rewrites a KJT so that every feature ``f`` becomes ``k = max k_f`` physical features ``f@0 .. f@{k - 1}``.
 
@@ -41,11 +49,14 @@ class FanOut:
         self.live = None if all(live) else torch.tensor(live)
 
     def __call__(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
+        values, lengths = self.fan(features, rows)
+        return KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=features.stride())
+
+    def fan(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values and lengths of the fanned-out KJT: per feature, copy 0's bags, then copy 1's, ..."""
         copies = rows.shape[0]
         if copies == 1:
-            return KeyedJaggedTensor(
-                keys=self.keys, values=rows[0], lengths=features.lengths(), stride=features.stride()
-            )
+            return rows[0], features.lengths()
         pieces, start = [], 0
         for live, size in zip(self.copies, features.length_per_key()):
             pieces.append(rows[:live, start : start + size].reshape(-1))  # copy 0's ids, then copy 1's, ...
@@ -53,9 +64,7 @@ class FanOut:
         lengths = features.lengths().view(len(self.features), -1).repeat_interleave(copies, dim=0)
         if self.live is not None:
             lengths = lengths * self.live.to(lengths.device).unsqueeze(1)
-        return KeyedJaggedTensor(
-            keys=self.keys, values=torch.cat(pieces), lengths=lengths.reshape(-1), stride=features.stride()
-        )
+        return torch.cat(pieces), lengths.reshape(-1)
 
     def live_columns(self, dims: list[int]) -> torch.Tensor | None:
         """Columns of the pooled ``(B, sum_f k * d_f)`` output that belong to live copies (None: all are live)."""
@@ -64,6 +73,27 @@ class FanOut:
         starts = [self.most * sum(dims[:i]) for i in range(len(dims))]
         return torch.tensor(
             [s + c * d + j for s, d, k in zip(starts, dims, self.copies) for c in range(k) for j in range(d)]
+        )
+
+
+class BatchFanOut(FanOut):
+    """Like :class:`FanOut` with ``k`` copies of every feature, but each copy stays in its logical feature as a block
+    of bags: bag ``c * B + b`` of feature ``f`` holds copy ``c`` of bag ``b``'s ids, and the KJT's stride is ``k * B``.
+
+    Values and lengths are exactly :class:`FanOut`'s (only the keys and stride differ), and the pooled
+    ``(k * B, sum d)`` output views as ``(k, B, sum d)``: each copy pooled on its own, as with ``k`` features. fbgemm's
+    CPU kernels run faster on ``F`` features of ``k * B`` bags than on ``k * F`` features of ``B`` bags (measured,
+    26 features, batch 4096, ``k = 2``, forward + backward with row-wise Adagrad: 6.1 ms vs 9.1 ms).
+    """
+
+    def __init__(self, features: list[str], copies: int) -> None:
+        super().__init__(features, [copies] * len(features))
+        self.keys = list(features)
+
+    def __call__(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
+        values, lengths = self.fan(features, rows)
+        return KeyedJaggedTensor(
+            keys=self.keys, values=values, lengths=lengths, stride=features.stride() * rows.shape[0]
         )
 
 
