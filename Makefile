@@ -11,7 +11,7 @@ TORCH     := torch==2.13.0
 FBGEMM    := $(if $(filter 1,$(GPU)),fbgemm-gpu==1.8.0,fbgemm-gpu-cpu==1.8.0)
 TORCHREC  := torchrec==1.8.0
 
-.PHONY: install test test-slow lint format bench bench-quick fit loader-bench clean
+.PHONY: install test test-slow lint format bench bench-quick fit loader-bench scale-bench clean
 
 install: $(STAMP)
 
@@ -49,6 +49,9 @@ fit: install
 
 loader-bench: install
 	$(PY) benchmarks/loader_throughput.py
+
+scale-bench: install
+	$(PY) benchmarks/sharding_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -180,3 +181,24 @@ def test_strategy_options_come_from_a_config_class_path(capsys: pytest.CaptureFi
     printed = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
     assert printed["class_path"] == "recsys_embed.training.TorchRecStrategy"
     assert printed["init_args"]["memory_cap_bytes"] == 1000000
+
+
+def test_a_module_without_net_and_sparse_optimizer_is_a_clear_error() -> None:
+    class Plain(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=TorchRecStrategy(), max_steps=1, logger=False)
+    try:
+        with pytest.raises(TypeError, match="shards `module.net` with `module.sparse_optimizer`; Plain lacks them"):
+            trainer.fit(Plain(), train_dataloaders=[torch.zeros(1, 2)])
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

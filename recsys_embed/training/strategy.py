@@ -24,13 +24,11 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
@@ -75,20 +73,6 @@ class TorchRecStrategy(DDPStrategy):
             raise ValueError(f"memory_cap_bytes must be positive (got {memory_cap_bytes}).")
         self.sharding_types = sharding_types
         self.memory_cap_bytes = memory_cap_bytes
-
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        if self.root_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            # Each process would use every core: N processes on C cores then fight over them (fbgemm's OpenMP
-            # kernels slow down 10-100x). Split the cores, as torchrun does with OMP_NUM_THREADS.
-            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes or 1)))
-            threads = max(1, (os.cpu_count() or 1) // local)
-            torch.set_num_threads(threads)
-            log.info(
-                "CPU threads per process: %d (%d processes on this node; set OMP_NUM_THREADS to override)",
-                threads,
-                local,
-            )
 
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None
