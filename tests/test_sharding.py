@@ -139,7 +139,8 @@ def test_a_plan_that_does_not_fit_fails_fast_on_every_rank(tiny_dataset: Path, t
     assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
     for rank in range(2):
         message = (tmp_path / f"plan_error.{rank}.txt").read_text()
-        assert "sharding planner found no plan" in message and "memory_cap_bytes" in message
+        assert "found no plan for the embedding tables on all 2 ranks (memory cap: 1024 bytes per rank)" in message
+        assert "insufficient storage" in message and "Fix: raise the per-rank memory cap" in message
 
 
 def test_cli_fit_on_two_processes_prints_the_plan_and_tests_the_checkpoint(tmp_path: Path) -> None:

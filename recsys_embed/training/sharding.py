@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -110,16 +111,19 @@ def plan_sharding(
     try:
         plan = EmbeddingShardingPlanner(topology=topology).plan(module, sharders)
     except Exception as exc:  # the planner raises several types; all are reported the same way
-        error = f"{type(exc).__name__}: {exc}"
+        error = re.sub(r" at 0x[0-9a-f]+", "", f"{type(exc).__name__}: {exc}")  # same text on every rank
     errors: list[str | None] = [None] * world
     dist.all_gather_object(errors, error, group=group)
-    failed = [f"rank {rank}: {message}" for rank, message in enumerate(errors) if message]
+    failed = {rank: message for rank, message in enumerate(errors) if message}
     if failed:
+        messages = set(failed.values())
+        where = f"on all {world} ranks" if len(failed) == world else f"on ranks {sorted(failed)}"
+        detail = messages.pop() if len(messages) == 1 else " | ".join(f"rank {r}: {m}" for r, m in failed.items())
+        cap = f"{memory_cap_bytes} bytes per rank" if memory_cap_bytes is not None else "the planner's default"
         raise ShardingPlanError(
-            "TorchRec's sharding planner found no plan for the embedding tables. "
-            + " | ".join(failed)
-            + " Fix: raise the per-rank memory cap (strategy memory_cap_bytes), use more devices, or compress more "
-            "(a smaller model.embedding.budget)."
+            f"TorchRec's sharding planner found no plan for the embedding tables {where} (memory cap: {cap}).\n"
+            f"{detail.strip()}\nFix: raise the per-rank memory cap (strategy memory_cap_bytes), use more devices, or "
+            "compress more (a smaller model.embedding.budget)."
         )
     assert plan is not None
     return plan
