@@ -151,7 +151,8 @@ class CTRTask(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        # with several ranks, log the global batch's loss (the mean of the ranks' equal shares)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=self.trainer.world_size > 1)
         return loss
 
     def _evaluate(self, batch: Batch, auc: BinaryAUROC, logloss: MeanMetric, stage: str) -> None:
