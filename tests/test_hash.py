@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
@@ -118,3 +119,43 @@ def test_option_errors() -> None:
             EmbeddingBagConfig(name="t9", num_embeddings=6, embedding_dim=8, feature_names=["x"]),
         ]
         build_embedding("hash", mixed, rows=3, shared=True)
+
+
+def test_fast_hash_equals_the_reference_on_random_big_ids() -> None:
+    """The in-place kernel (precomputed seed offsets, per-id seeds and buckets) keeps the published values."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.cat([torch.randint(0, 2**63 - 1, (300,), generator=gen), torch.randint(2**31 - 9, 2**31 + 9, (50,))])
+    seeds = torch.randint(0, 2**40, ids.shape, generator=gen)
+    buckets = torch.randint(1, 2**31, ids.shape, generator=gen)
+    expected = [reference_hash64(int(i), int(s)) & (2**63 - 1) for i, s in zip(ids, seeds)]
+    assert hash64(ids, seeds).tolist() == [reference_hash64(int(i), int(s)) for i, s in zip(ids, seeds)]
+    assert hash_to_buckets(ids, seeds, buckets).tolist() == [e % int(b) for e, b in zip(expected, buckets)]
+    assert hash_to_buckets(ids.int(), 5, 1000).tolist() == [
+        reference_hash64(int(i), 5) % 2**63 % 1000 for i in ids.int()
+    ]
+    two = hash_to_buckets(ids.unsqueeze(0), torch.stack([seeds, seeds + 1]), buckets)  # (k, N) broadcasting
+    assert two[0].tolist() == [e % int(b) for e, b in zip(expected, buckets)]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("hash", {"rows": 300}),
+        ("multi_hash", {"rows": 300, "num_hashes": 3}),
+        ("unified", {"rows": 300}),
+        ("adapt", {"rows": 300, "id_counts": {f"f{i}": np.arange(n) % 7 for i, n in enumerate((10, 5000, 70, 2000))}}),
+    ],
+)
+def test_uniform_and_ragged_batches_remap_alike(name: str, options: dict[str, object]) -> None:
+    """One id per feature and sample takes the ``(F, L)`` path (hashed features only), a ragged batch the flat one."""
+    tables = make_tables((10, 5000, 70, 2000), dim=4)
+    emb = build_embedding(name, tables, validate_ids=False, **options)
+    keys = [f for t in tables for f in t.feature_names]
+    values = torch.cat([torch.randint(0, t.num_embeddings, (6,)) for t in tables])
+    values[[7, 20]] = torch.tensor([2**40 + 1, 2**31 + 3])  # big ids on hashed features
+    uniform = KeyedJaggedTensor(keys=keys, values=values, lengths=torch.ones(24, dtype=torch.long))
+    lengths = torch.ones(24, dtype=torch.long)
+    lengths[-1] = 2  # one more id in the last bag: per-feature totals differ, earlier ids keep their positions
+    ragged = KeyedJaggedTensor(keys=keys, values=torch.cat([values, torch.tensor([4])]), lengths=lengths)
+    rows_uniform, rows_ragged = emb.remap(uniform).values(), emb.remap(ragged).values()
+    assert torch.equal(rows_ragged[: rows_uniform.numel()], rows_uniform)

@@ -27,9 +27,9 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
-from recsys_embed.methods.hash_fn import hash_to_buckets
+from recsys_embed.methods.hash_fn import mix_to_buckets, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, largest_fitting
+from recsys_embed.methods.remap import FanOut, IdLayout, largest_fitting
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,15 @@ class AdaptiveHotCold(EmbeddingMethod):
         self.register_buffer("hot_keys", torch.as_tensor(keys, dtype=torch.int64, device=dev))  # tables in order
         self.register_buffer("seeds", seed * 1_000_003 + torch.arange(len(self._tables), device=dev))  # per table
         starts = np.cumsum([0, *hot])[:-1].tolist()
-        # per feature: (table index, hot ids slice start, hot count, cold count), None for a table kept full
-        self._plan = [
-            None if self._tables[i].num_embeddings <= rows else (i, starts[i], hot[i], rows - hot[i])
-            for i in self._table_index
-        ]
+        # every table above ``rows`` ids has the same hot/cold split; per feature: where its table's hot ids start
+        self._hot = max(hot)
+        hashed = [self._tables[i].num_embeddings > rows for i in self._table_index]
+        self._hashed_index = [f for f, h in enumerate(hashed) if h]
+        first = [starts[i] if h else 0 for i, h in zip(self._table_index, hashed)]
+        self.hashed_list, self.first_list = hashed, first
+        self.register_buffer("first_key", torch.tensor(first, dtype=torch.int64, device=dev), persistent=False)
+        self.register_buffer("hashed", torch.tensor(hashed, device=dev), persistent=False)
+        self.register_buffer("feature_table", torch.tensor(self._table_index, device=dev), persistent=False)
         physical = [replace(t, num_embeddings=min(t.num_embeddings, rows)) for t in self._tables]
         self.tables = EmbeddingBagCollection(tables=physical, device=dev)
         self.fan_out = FanOut(self._feature_names, [1] * len(self._feature_names))
@@ -102,22 +106,19 @@ class AdaptiveHotCold(EmbeddingMethod):
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Hot ids -> their own row; cold ids -> ``hot + hash(id) mod cold``; full tables -> the id itself."""
-        values, pieces, start = features.values(), [], 0
-        for plan, size in zip(self._plan, features.length_per_key()):
-            ids = values[start : start + size]  # one feature's ids: a contiguous slice (feature-major KJT)
-            start += size
-            if plan is None:
-                pieces.append(ids)
-                continue
-            table, first, hot, cold = plan
-            rows = hot + hash_to_buckets(ids, self.seeds[table], cold)
-            if hot:
-                hot_ids = self.hot_keys[first : first + hot]
-                position = torch.searchsorted(hot_ids, ids)
-                rows = torch.where(hot_ids[position.clamp(max=hot - 1)] == ids, position, rows)
-            pieces.append(rows)
-        rows = torch.cat(pieces) if pieces else values
-        return self.fan_out(features, rows.unsqueeze(0))
+        layout = IdLayout(features, self._hashed_index)
+        ids, hot, cold = layout.ids, self._hot, self.rows - self._hot  # every folded table has the same split
+        rows = mix_to_buckets(ids + layout.spread(seed_offset(self.seeds[self.feature_table])), cold).add_(hot)
+        if hot and self._hashed_index:
+            position = torch.zeros_like(ids, dtype=torch.int64)  # one searchsorted per folded feature
+            for f, queries, found in zip(layout.computed, layout.pieces(ids), layout.pieces(position)):
+                if self.hashed_list[f]:
+                    first = self.first_list[f]
+                    torch.searchsorted(self.hot_keys[first : first + hot], queries, out=found)
+            index = position.clamp(max=hot - 1).add_(layout.spread(self.first_key))
+            is_hot = self.hot_keys.index_select(0, index.view(-1)).view_as(ids) == ids
+            rows = torch.where(is_hot, position, rows)
+        return self.fan_out(features, layout.merge(rows, self.hashed).unsqueeze(0))
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self.tables(self.remap(features))

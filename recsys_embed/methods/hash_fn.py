@@ -23,23 +23,62 @@ _MUL1 = _signed(0xBF58476D1CE4E5B9)
 _MUL2 = _signed(0x94D049BB133111EB)
 
 
-def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
+_POSITIVE = (1 << 63) - 1
+
+
+def seed_offset(seed: torch.Tensor | int) -> torch.Tensor | int:
+    """``(seed + 1) * golden`` wrapped to int64: the constant :func:`hash64` adds to an id before mixing.
+
+    Precompute it once per feature (it only depends on the seed) and hash with :func:`mix_to_buckets`.
+    """
+    if isinstance(seed, torch.Tensor):
+        return (seed.to(torch.int64) + 1) * _GOLDEN  # int64 multiply wraps like the unsigned one
+    return _signed((int(seed) + 1) * _GOLDEN)
+
+
+def _xor_shift_(z: torch.Tensor, bits: int, scratch: torch.Tensor | None) -> torch.Tensor:
+    """``z ^= z >>> bits`` in place (logical shift of the int64 bit pattern); returns the scratch buffer."""
+    scratch = torch.bitwise_right_shift(z, bits, out=scratch) if scratch is not None else z >> bits
+    scratch &= (1 << (64 - bits)) - 1  # torch's ``>>`` is arithmetic: clear the copied sign bits
+    z ^= scratch
+    return scratch
+
+
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finalizer applied in place to an int64 tensor the caller owns; returns the scratch buffer."""
+    scratch = _xor_shift_(z, 30, None)
+    z *= _MUL1
+    _xor_shift_(z, 27, scratch)
+    z *= _MUL2
+    _xor_shift_(z, 31, scratch)
+    return scratch
 
 
 def hash64(ids: torch.Tensor, seed: torch.Tensor | int) -> torch.Tensor:
     """SplitMix64 of ``ids + (seed + 1) * golden``: int64 in, int64 bit patterns out (any sign)."""
-    z = ids.to(torch.int64) + (torch.as_tensor(seed, dtype=torch.int64, device=ids.device) + 1) * _GOLDEN
-    z = (z ^ _shift_right(z, 30)) * _MUL1
-    z = (z ^ _shift_right(z, 27)) * _MUL2
-    return z ^ _shift_right(z, 31)
+    offset = seed_offset(seed.to(ids.device) if isinstance(seed, torch.Tensor) else seed)
+    z = ids.to(torch.int64) + offset  # a fresh tensor: mixed in place below
+    _mix_(z)
+    return z
+
+
+def mix_to_buckets(z: torch.Tensor, buckets: torch.Tensor | int) -> torch.Tensor:
+    """Finish :func:`hash_to_buckets` from ``z = ids + seed_offset(seed)``; ``z`` is overwritten (pass a temporary).
+
+    Same values as ``hash_to_buckets(ids, seed, buckets)``, with the per-feature seed constants precomputed and
+    every step in place (a whole batch hashes with few temporaries).
+    """
+    _mix_(z)
+    z &= _POSITIVE
+    if isinstance(buckets, int) or torch.broadcast_shapes(z.shape, buckets.shape) == z.shape:
+        return z.remainder_(buckets)
+    return torch.remainder(z, buckets)
 
 
 def hash_to_buckets(ids: torch.Tensor, seed: torch.Tensor | int, buckets: torch.Tensor | int) -> torch.Tensor:
     """Map ids to ``[0, buckets)`` with a seeded hash; ``seed`` and ``buckets`` may be per-id tensors."""
-    positive = hash64(ids, seed) & ((1 << 63) - 1)
-    return torch.remainder(positive, buckets)
+    offset = seed_offset(seed.to(ids.device) if isinstance(seed, torch.Tensor) else seed)
+    return mix_to_buckets(ids.to(torch.int64) + offset, buckets)
 
 
 def reference_hash64(value: int, seed: int) -> int:

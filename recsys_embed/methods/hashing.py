@@ -29,9 +29,9 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
-from recsys_embed.methods.hash_fn import check_hash_name, hash_to_buckets
+from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, largest_fitting, value_features
+from recsys_embed.methods.remap import FanOut, IdLayout, largest_fitting
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +85,19 @@ class HashEmbedding(EmbeddingMethod):
         self.register_buffer("feature_table", torch.tensor(self._table_index, device=dev), persistent=False)
         self.register_buffer("buckets", torch.tensor(buckets, dtype=torch.int64, device=dev), persistent=False)
         self.register_buffer("hashed", torch.tensor(hashed, dtype=torch.bool, device=dev), persistent=False)
+        self._hashed_index = [f for f, h in enumerate(hashed) if h]
         self.tables = EmbeddingBagCollection(tables=physical, device=dev)
         self.fan_out = FanOut(self._feature_names, [1] * len(self._feature_names))
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The KJT with every id replaced by its physical row."""
-        feature = value_features(features)
-        values = features.values()
-        buckets = self.buckets[feature]
         if self.hash_name == "identity":
-            rows = torch.remainder(values, buckets)
-        else:
-            hashed = hash_to_buckets(values, self.seeds[self.feature_table][feature], buckets)
-            rows = torch.where(self.hashed[feature], hashed, values)
+            layout = IdLayout(features)
+            rows = layout.flat(torch.remainder(layout.ids, layout.spread(self.buckets)))
+        else:  # every hashed feature folds onto ``rows`` rows (``min(n, rows)`` with ``n > rows``, or shared)
+            layout = IdLayout(features, self._hashed_index)
+            offsets = layout.spread(seed_offset(self.seeds[self.feature_table]))
+            rows = layout.merge(mix_to_buckets(layout.ids + offsets, self.rows), self.hashed)
         return self.fan_out(features, rows.unsqueeze(0))
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:

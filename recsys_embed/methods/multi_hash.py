@@ -26,9 +26,9 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
-from recsys_embed.methods.hash_fn import hash_to_buckets
+from recsys_embed.methods.hash_fn import mix_to_buckets, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import BagFold, largest_fitting, value_features
+from recsys_embed.methods.remap import BagFold, IdLayout, largest_fitting
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,8 @@ class MultiHashEmbedding(EmbeddingMethod):
         seeds = torch.arange(len(self._tables) * num_hashes, dtype=torch.int64) + seed * 1_000_003
         self.register_buffer("seeds", seeds.view(-1, num_hashes).to(dev))  # per logical table and hash
         self.register_buffer("feature_table", torch.tensor(self._table_index, device=dev), persistent=False)
-        self.register_buffer(
-            "buckets",
-            torch.tensor([min(self._cardinality[f], rows) for f in self._feature_names], device=dev),
-            persistent=False,
-        )
         self.register_buffer("hashed", torch.tensor(hashed, device=dev), persistent=False)
+        self._hashed_index = [f for f, h in enumerate(hashed) if h]
         with torch.no_grad():
             for t, table in zip(self._tables, physical):
                 if t.num_embeddings > rows:
@@ -76,11 +72,10 @@ class MultiHashEmbedding(EmbeddingMethod):
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Physical KJT: every bag holds the ``k`` hashed rows of each of its ids (one row for full tables)."""
-        feature = value_features(features)
-        values = features.values()
-        seeds = self.seeds[self.feature_table][feature].T  # (k, N): all k hashes in one vectorized call
-        rows = hash_to_buckets(values.unsqueeze(0), seeds, self.buckets[feature])
-        return self.fold(features, torch.where(self.hashed[feature], rows, values))  # full tables keep copy 0
+        layout = IdLayout(features, self._hashed_index)
+        offsets = layout.spread(seed_offset(self.seeds[self.feature_table].T))  # (k, F): all k hashes in one call
+        rows = mix_to_buckets(layout.ids + offsets, self.rows)  # hashed tables fold onto ``rows`` rows
+        return self.fold(features, layout.merge(rows, self.hashed))  # full tables keep the id (copy 0)
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self.tables(self.remap(features))

@@ -33,6 +33,61 @@ def per_value(per_feature: torch.Tensor, features: KeyedJaggedTensor) -> torch.T
     return per_feature.repeat_interleave(lengths, output_size=values.numel())
 
 
+class IdLayout:
+    """A KJT's ids shaped so that per-feature constants broadcast against them without a per-id copy.
+
+    When every feature has the same number of ids (one id per feature and sample, the usual CTR batch),
+    :attr:`ids` is the ``(F, L)`` view of the values and a per-feature constant broadcasts as ``(F, 1)``; otherwise
+    :attr:`ids` is the flat values and constants are spread with one ``repeat_interleave``. Elementwise results are
+    the same either way; :meth:`flat` turns a result computed from :attr:`ids` back into one entry per id
+    (feature-major, like the KJT's values).
+
+    ``subset`` (sorted feature indices) names the features a method rewrites (e.g. the hashed ones); in the
+    uniform layout only their rows are gathered into :attr:`ids`, and :meth:`merge` puts the results back among
+    the untouched ids of the other features. :attr:`computed` lists the features whose ids :attr:`ids` holds.
+    """
+
+    def __init__(self, features: KeyedJaggedTensor, subset: list[int] | None = None) -> None:
+        values, lengths = features.values(), features.length_per_key()
+        self.values, self.sizes = values, lengths
+        self.uniform = bool(lengths) and lengths.count(lengths[0]) == len(lengths)
+        self.computed = list(range(len(lengths)))
+        self._subset: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None
+        if self.uniform:
+            self.ids = values.view(len(lengths), lengths[0])
+            if subset is not None and len(subset) < len(lengths):
+                self.computed = list(subset)
+                self._subset = torch.tensor(subset, device=values.device)
+                self.ids = self.ids.index_select(0, self._subset)
+        else:
+            self.ids = values
+            self._lengths = torch.tensor(lengths, device=values.device)
+
+    def spread(self, per_feature: torch.Tensor) -> torch.Tensor:
+        """A ``(..., F)`` per-feature tensor shaped to broadcast against :attr:`ids` (``(..., F', 1)``/``(..., N)``)."""
+        if self._lengths is not None:
+            return per_feature.repeat_interleave(self._lengths, dim=-1, output_size=self.values.numel())
+        if self._subset is not None:
+            per_feature = per_feature.index_select(-1, self._subset)
+        return per_feature.unsqueeze(-1)
+
+    def flat(self, result: torch.Tensor) -> torch.Tensor:
+        """``(..., F, L)`` or ``(..., N)`` (a result with the ids' shape in its last dims) -> ``(..., N)``."""
+        return result.flatten(-2) if self._lengths is None else result
+
+    def pieces(self, result: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``result`` (the ids' shape) per feature of :attr:`computed`, in that order."""
+        return list(result.unbind(0)) if self._lengths is None else list(result.split(self.sizes))
+
+    def merge(self, result: torch.Tensor, rewritten: torch.Tensor) -> torch.Tensor:
+        """``(..., N)``: ``result`` for the features where the bool ``(F,)`` ``rewritten`` is set, the ids elsewhere."""
+        if self._subset is None:
+            return self.flat(torch.where(self.spread(rewritten), result, self.ids))
+        full = self.values.view(len(self.sizes), -1).expand(*result.shape[:-2], -1, -1).to(result.dtype, copy=True)
+        return self.flat(full.index_copy_(result.dim() - 2, self._subset, result))
+
+
 class FanOut:
     """Rewrites a KJT so that every feature ``f`` becomes ``k = max k_f`` physical features ``f@0 .. f@{k - 1}``.
 

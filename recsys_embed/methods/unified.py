@@ -38,9 +38,9 @@ from recsys_embed.methods.base import (
     check_tables,
     full_bytes,
 )
-from recsys_embed.methods.hash_fn import check_hash_name, hash_to_buckets
+from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, keyed, value_features
+from recsys_embed.methods.remap import FanOut, IdLayout, keyed
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,12 @@ class UnifiedEmbedding(EmbeddingMethod):
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Physical KJT: chunk ``c`` of feature ``f`` is ``f@c`` (``f`` itself for one chunk)."""
-        feature = value_features(features)
-        values = features.values()
+        layout = IdLayout(features)
         if self.hash_name == "identity":
-            offsets = self.offsets[feature]
-            rows = torch.remainder(offsets + values.unsqueeze(1), self.rows).T
-        else:
-            seeds = self.seeds[feature]
-            rows = torch.stack([hash_to_buckets(values, seeds[:, c], self.rows) for c in range(seeds.shape[1])])
-        return self.fan_out(features, rows)
+            rows = torch.remainder(layout.spread(self.offsets.T) + layout.ids, self.rows)
+        else:  # all chunks of all features in one call: (chunks, ids)
+            rows = mix_to_buckets(layout.ids + layout.spread(seed_offset(self.seeds.T)), self.rows)
+        return self.fan_out(features, layout.flat(rows))
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         pooled = self.tables(self.remap(features)).values()  # chunks of a feature are adjacent: concatenation
