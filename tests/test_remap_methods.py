@@ -867,3 +867,41 @@ def test_qr_path_budget_solver_and_errors() -> None:
         build_embedding("qr_path", tables, budget=Budget(bytes=100))
     with pytest.raises(ValueError, match="collisions must be >= 1"):
         build_embedding("qr_path", tables, collisions=0)
+
+
+def qr_rows_by_formula(qr: QREmbedding, kjt: KeyedJaggedTensor) -> torch.Tensor:
+    """``(k, N)``: the partition rows ``c * b + digit_c`` of every id with per-id int64 floor division."""
+    ids = kjt.values().to(torch.int64)
+    base = qr.base.repeat_interleave(torch.tensor(kjt.length_per_key()))
+    rows, rest = [], ids
+    for c in range(qr.partitions - 1):
+        rows.append(c * base + rest % base)
+        rest = rest // base
+    return torch.stack(rows + [(qr.partitions - 1) * base + rest])
+
+
+@pytest.mark.parametrize("operation", ["mult", "add", "concat"])
+@pytest.mark.parametrize("partitions", [2, 3])
+@pytest.mark.parametrize("collisions", [[1, 7, 1, 3], [1, 1, 1, 1], [2, 7, 5, 3]])
+def test_qr_remap_equals_the_formula_on_uniform_and_ragged_batches(
+    operation: str, partitions: int, collisions: list[int]
+) -> None:
+    """Base-1 tables skip the division on uniform batches (one id per feature and sample); rows stay the formula's,
+    ids >= 2^31 included (remap only: ``validate_ids=False``)."""
+    tables = make_tables((10, 5000, 70, 2000), dim=24)
+    qr = build_embedding(
+        "qr", tables, collisions=collisions, partitions=partitions, operation=operation, validate_ids=False
+    )
+    keys = [f for t in tables for f in t.feature_names]
+    values = torch.cat([torch.randint(0, t.num_embeddings, (6,)) for t in tables])
+    values[[1, 7, 14, 20]] = torch.tensor([2**31 + 3, 2**40 + 1, 2**62 + 5, 2**31 - 1])
+    uniform = KeyedJaggedTensor(keys=keys, values=values, lengths=torch.ones(24, dtype=torch.long))
+    lengths = torch.ones(24, dtype=torch.long)
+    lengths[-1] = 2
+    ragged = KeyedJaggedTensor(keys=keys, values=torch.cat([values, torch.tensor([4])]), lengths=lengths)
+    for kjt in (uniform, ragged):
+        expected = qr.rewrite(kjt, qr_rows_by_formula(qr, kjt))
+        remapped = qr.remap(kjt)
+        assert torch.equal(remapped.values(), expected.values())
+        assert torch.equal(remapped.lengths(), expected.lengths())
+        assert remapped.keys() == expected.keys() and remapped.stride() == expected.stride()

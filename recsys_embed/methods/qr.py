@@ -46,9 +46,9 @@ from recsys_embed.methods.remap import (
     BagFold,
     BatchFanOut,
     FanOut,
+    IdLayout,
     keyed,
     largest_fitting,
-    per_value,
     physical_keys,
 )
 
@@ -150,9 +150,14 @@ class QREmbedding(EmbeddingMethod):
         dev = torch.device(device or "cpu")
         self.tables = EmbeddingBagCollection(tables=physical, device=dev)
         base_of = {f: b for t, b in zip(self._tables, bases) for f in t.feature_names}
-        self.register_buffer(
-            "base", torch.tensor([base_of[f] for f in self._feature_names], device=dev), persistent=False
-        )
+        feature_bases = [base_of[f] for f in self._feature_names]
+        self.register_buffer("base", torch.tensor(feature_bases, device=dev), persistent=False)
+        # a base-1 table reads row c of partition c < k - 1 and its id in the last one: only the others divide
+        self._divided = [i for i, b in enumerate(feature_bases) if b > 1]
+        divided = torch.tensor(self._divided, dtype=torch.int64, device=dev)
+        self.register_buffer("_divided_index", divided, persistent=False)
+        first_rows = torch.tensor([[c * b for c in range(k)] for b in feature_bases], device=dev)  # (F, k)
+        self.register_buffer("_first_rows", first_rows, persistent=False)
         self._initialise(physical)
 
     def _initialise(self, physical: list[EmbeddingBagConfig]) -> None:
@@ -171,15 +176,26 @@ class QREmbedding(EmbeddingMethod):
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Physical KJT: partition ``c`` of an id reads row ``c * base + digit_c`` (in bag ``c * B + b`` for
         ``mult``, feature ``f@c`` for ``concat``, the id's own bag for ``add``)."""
-        values = features.values()
-        base = per_value(self.base, features)
-        rows, rest = [], values
+        layout = IdLayout(features, self._divided or None)
+        if not layout.uniform or len(self._divided) == len(self._feature_names):  # (k, N) or (k, F, L)
+            return self.rewrite(features, self._partition_rows(layout.ids, layout.spread(self.base)))
+        # (F, k, L), feature-major so that the rewrite's reshape is a view; base-1 tables need no division
+        stored = self._first_rows.unsqueeze(-1).expand(-1, -1, layout.sizes[0]).clone()
+        stored[:, -1] += layout.values.view(len(layout.sizes), -1)
+        rows = stored.transpose(0, 1)
+        if self._divided:
+            rows.index_copy_(1, self._divided_index, self._partition_rows(layout.ids, layout.spread(self.base)))
+        return self.rewrite(features, rows)
+
+    def _partition_rows(self, ids: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """``(k, *ids.shape)``: row ``c * base + digit_c`` of every partition (int64 floor division, exact)."""
+        rows, rest = [], ids
         for c in range(self.partitions - 1):
             quotient = torch.div(rest, base, rounding_mode="floor")
             rows.append(c * base + (rest - quotient * base))  # the remainder, without a second division
             rest = quotient
         rows.append((self.partitions - 1) * base + rest)
-        return self.rewrite(features, torch.stack(rows))
+        return torch.stack(rows)
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         pooled = self.tables(self.remap(features)).values()

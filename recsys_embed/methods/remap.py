@@ -108,18 +108,30 @@ class FanOut:
         return KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=features.stride())
 
     def fan(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Values and lengths of the fanned-out KJT: per feature, copy 0's bags, then copy 1's, ..."""
+        """Values and lengths of the fanned-out KJT: per feature, copy 0's bags, then copy 1's, ...
+
+        ``rows`` is ``(k, N)``, or ``(k, F, L)`` for a batch with ``L`` ids per feature (:class:`IdLayout`'s uniform
+        layout), which is taken as one reshape (a view when ``rows`` is stored feature-major) if every copy is live.
+        """
         copies = rows.shape[0]
+        if rows.dim() == 3:
+            if self.live is None:
+                return rows.transpose(0, 1).reshape(-1), self._lengths(features, copies)
+            rows = rows.flatten(1)
         if copies == 1:
             return rows[0], features.lengths()
         pieces, start = [], 0
         for live, size in zip(self.copies, features.length_per_key()):
             pieces.append(rows[:live, start : start + size].reshape(-1))  # copy 0's ids, then copy 1's, ...
             start += size
+        return torch.cat(pieces), self._lengths(features, copies)
+
+    def _lengths(self, features: KeyedJaggedTensor, copies: int) -> torch.Tensor:
+        """Bag lengths of the fanned-out KJT: each feature's lengths once per copy, zero for muted copies."""
         lengths = features.lengths().view(len(self.features), -1).repeat_interleave(copies, dim=0)
         if self.live is not None:
             lengths = lengths * self.live.to(lengths.device).unsqueeze(1)
-        return torch.cat(pieces), lengths.reshape(-1)
+        return lengths.reshape(-1)
 
     def live_columns(self, dims: list[int]) -> torch.Tensor | None:
         """Columns of the pooled ``(B, sum_f k * d_f)`` output that belong to live copies (None: all are live)."""
@@ -182,6 +194,7 @@ class BagFold:
         self._copies = list(copies)
 
     def __call__(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
+        rows = rows.flatten(1)  # (k, F, L) -> (k, N)
         pieces, start = [], 0
         for k, size in zip(self._copies, features.length_per_key()):
             pieces.append(rows[:k, start : start + size].T.reshape(-1))  # id i -> its k rows, side by side
