@@ -20,6 +20,7 @@ from recsys_embed.methods import Budget, EmbeddingMethod, SparseOptimizer, build
 from recsys_embed.methods.mde import mde_bytes, mixed_dims
 from recsys_embed.methods.multi_hash import MultiHashEmbedding
 from recsys_embed.methods.qr import QREmbedding, partition_rows
+from recsys_embed.methods.unified import BAGS as UNIFIED_BAGS
 from recsys_embed.methods.unified import UnifiedEmbedding
 from tests.conftest import make_tables, random_kjt, zipf_counts
 
@@ -65,6 +66,9 @@ def physical_ids(emb: EmbeddingMethod, kjt: KeyedJaggedTensor) -> dict[str, torc
     (``qr`` ``mult``: the remapped stride is ``k`` times the batch) are split the same way.
     """
     physical = emb.remap(kjt)  # type: ignore[attr-defined]
+    if physical.keys() == [UNIFIED_BAGS]:  # unified: key c's ids are the c-th block of B bags of one feature
+        blocks = physical.lengths().view(-1, kjt.stride()).sum(dim=1).tolist()
+        return dict(zip(emb.fan_out.keys, torch.split(physical.values(), blocks)))  # type: ignore[attr-defined]
     remapped = {k: v.values() for k, v in physical.to_dict().items()}
     if physical.stride() != kjt.stride():
         copies = physical.stride() // kjt.stride()
@@ -428,7 +432,8 @@ def test_unified_multi_probe_and_mixed_dims_share_one_table() -> None:
     physical = uni.tables.embedding_bag_configs()
     assert len(physical) == 1
     assert (physical[0].num_embeddings, physical[0].embedding_dim) == (500, 8)
-    assert physical[0].feature_names == ["f0@0", "f0@1", "f1@0", "f1@1"]
+    assert physical[0].feature_names == [UNIFIED_BAGS]  # one feature reads it: fbgemm's fast backward
+    assert uni.fan_out.keys == ["f0@0", "f0@1", "f1@0", "f1@1"]  # as blocks of bags of that feature
     ids = {"f0": torch.arange(50), "f1": torch.arange(3000)}
     rows = physical_ids(uni, one_id_per_bag(ids))
     assert rows["f0@1"].numel() == 0  # f0 has one chunk: its second slot is muted

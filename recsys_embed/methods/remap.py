@@ -164,6 +164,16 @@ class BatchFanOut(FanOut):
         )
 
 
+def as_one_feature(features: KeyedJaggedTensor, key: str) -> KeyedJaggedTensor:
+    """A KJT's ``F`` features as ``F`` blocks of bags of one feature ``key`` (stride ``F * B``, same values/lengths).
+
+    For a table read by several features: fbgemm's CPU backward takes its fast row-wise path only when one feature
+    reads a table, and the pooled ``(F * B, d)`` output views back as ``(F, B, d)``.
+    """
+    stride = features.stride() * len(features.keys())
+    return KeyedJaggedTensor(keys=[key], values=features.values(), lengths=features.lengths(), stride=stride)
+
+
 def keyed(values: torch.Tensor, keys: list[str], dims: list[int]) -> KeyedTensor:
     """A ``KeyedTensor`` with the logical keys and dims over ``values`` of shape ``(B, sum(dims))``."""
     return KeyedTensor(keys=keys, length_per_key=dims, values=values)

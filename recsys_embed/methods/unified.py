@@ -40,9 +40,10 @@ from recsys_embed.methods.base import (
 )
 from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, IdLayout, keyed
+from recsys_embed.methods.remap import FanOut, IdLayout, as_one_feature, keyed
 
 log = logging.getLogger(__name__)
+BAGS = "unified@bags"  # the shared table's one physical feature
 
 
 @register("unified")
@@ -82,9 +83,7 @@ class UnifiedEmbedding(EmbeddingMethod):
         dev = torch.device(device or "cpu")
         columns = self.fan_out.live_columns([chunk_dim] * len(self.chunks))  # mixed dims: drop muted chunks
         self.register_buffer("columns", columns.to(dev) if columns is not None else None, persistent=False)
-        shared = EmbeddingBagConfig(
-            name="unified", num_embeddings=rows, embedding_dim=chunk_dim, feature_names=self.fan_out.keys
-        )
+        shared = EmbeddingBagConfig(name="unified", num_embeddings=rows, embedding_dim=chunk_dim, feature_names=[BAGS])
         self.tables = EmbeddingBagCollection(tables=[shared], device=dev)
         most = max(self.chunks)
         seeds = seed * 1_000_003 + torch.arange(len(self._feature_names) * most).view(-1, most)
@@ -98,16 +97,18 @@ class UnifiedEmbedding(EmbeddingMethod):
             self.tables.embedding_bags["unified"].weight.uniform_(-bound, bound)
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Physical KJT: chunk ``c`` of feature ``f`` is ``f@c`` (``f`` itself for one chunk)."""
+        """Physical KJT: chunk ``c`` of feature ``f`` (``f@c``, or ``f`` for one chunk) is a block of ``B`` bags of
+        the shared table's one feature, in ``fan_out.keys`` order."""
         layout = IdLayout(features)
         if self.hash_name == "identity":
             rows = torch.remainder(layout.spread(self.offsets.T) + layout.ids, self.rows)
         else:  # all chunks of all features in one call: (chunks, ids)
             rows = mix_to_buckets(layout.ids + layout.spread(seed_offset(self.seeds.T)), self.rows)
-        return self.fan_out(features, layout.flat(rows))
+        return as_one_feature(self.fan_out(features, layout.flat(rows)), BAGS)
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        pooled = self.tables(self.remap(features)).values()  # chunks of a feature are adjacent: concatenation
+        pooled = self.tables(self.remap(features)).values().view(len(self.fan_out.keys), features.stride(), -1)
+        pooled = pooled.transpose(0, 1).reshape(features.stride(), -1)  # a feature's chunks are adjacent: concatenated
         if self.columns is not None:
             pooled = pooled[:, self.columns]
         return keyed(pooled, self._feature_names, self._length_per_key)
