@@ -97,6 +97,11 @@ def test_shared_table() -> None:
     emb = build_embedding("hash", tables, budget=Budget(ratio=8), shared=True)
     assert [t.num_embeddings for t in emb.tables.embedding_bag_configs()] == [emb.rows]
     assert emb(random_kjt(tables, batch=3)).values().shape == (3, 12)
+    kjt = random_kjt(tables, batch=5, max_len=1, allow_empty=False)  # one id per bag
+    rows = emb.remap(kjt).values().view(len(tables), 5)  # feature f's rows are the f-th block of bags
+    weight = emb.tables.embedding_bags["shared"].weight
+    for f, name in enumerate(kjt.keys()):
+        torch.testing.assert_close(emb(kjt).to_dict()[name], weight[rows[f]])
 
 
 def test_unreachable_budget_names_the_smallest() -> None:

@@ -31,9 +31,10 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, IdLayout, largest_fitting
+from recsys_embed.methods.remap import FanOut, IdLayout, as_one_feature, keyed, largest_fitting
 
 log = logging.getLogger(__name__)
+BAGS = "shared@bags"  # the shared table's one physical feature (fbgemm's fast backward needs one feature per table)
 
 
 @register("hash")
@@ -66,9 +67,7 @@ class HashEmbedding(EmbeddingMethod):
                     "use shared=False or equal dims."
                 )
             physical = [
-                EmbeddingBagConfig(
-                    name="shared", num_embeddings=rows, embedding_dim=dims.pop(), feature_names=self._feature_names
-                )
+                EmbeddingBagConfig(name="shared", num_embeddings=rows, embedding_dim=dims.pop(), feature_names=[BAGS])
             ]
             buckets = [rows] * len(self._feature_names)
             hashed = [True] * len(self._feature_names)
@@ -98,10 +97,15 @@ class HashEmbedding(EmbeddingMethod):
             layout = IdLayout(features, self._hashed_index)
             offsets = layout.spread(seed_offset(self.seeds[self.feature_table]))
             rows = layout.merge(mix_to_buckets(layout.ids + offsets, self.rows), self.hashed)
-        return self.fan_out(features, rows.unsqueeze(0))
+        physical = self.fan_out(features, rows.unsqueeze(0))
+        return as_one_feature(physical, BAGS) if self.shared else physical
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.tables(self.remap(features))
+        pooled = self.tables(self.remap(features))
+        if not self.shared:
+            return pooled
+        values = pooled.values().view(len(self._feature_names), features.stride(), -1)  # feature f = block f of bags
+        return keyed(values.transpose(0, 1).reshape(features.stride(), -1), self._feature_names, self._length_per_key)
 
     def memory_bytes(self) -> int:
         return self.rows_bytes(self._tables, self.rows, self.shared)
