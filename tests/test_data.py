@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -203,3 +204,11 @@ def test_datamodule_drops_the_last_train_batch_only() -> None:
     assert [len(b) for b in dm.train_dataloader()] == [4000, 2000]
     with pytest.raises(ValueError, match="fewer than data.batch_size=8000"):
         CTRDataModule(synthetic=TINY_SYNTHETIC, batch_size=8000)
+
+
+def test_a_train_split_too_small_for_the_global_batch_is_a_clear_error(tiny_dataset: Path) -> None:
+    dm = CTRDataModule(data_dir=str(tiny_dataset), batch_size=4000)  # 6000 rows: one batch on one process
+    assert len(dm.train_dataloader()) == 1
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2)  # type: ignore[assignment]  # 2 x 4000 > 6000 rows
+    with pytest.raises(ValueError, match=r"gives no batch of data.batch_size=4000 x 2 process\(es\)"):
+        dm.train_dataloader()

@@ -96,7 +96,15 @@ class CTRDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        if len(loader.dataset) == 0:  # type: ignore[arg-type]
+            world = self.trainer.world_size if self.trainer else 1
+            raise ValueError(
+                f"The train split ({self.schema.rows.get('train')} rows) gives no batch of data.batch_size="
+                f"{self.batch_size} x {world} process(es) rows with data.drop_last=true: lower data.batch_size "
+                "(it is per process), use fewer processes, or set data.drop_last=false."
+            )
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
