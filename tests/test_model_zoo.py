@@ -185,7 +185,7 @@ def test_deepfm_fm_part_is_the_pairwise_sum_over_fields_and_the_dense_field() ->
     dense, kjt, _ = fixed_batch(tables, batch=4)
     model = DeepFM(build_embedding("full", tables), NUM_DENSE, deep_mlp=(4,))
     with torch.no_grad():  # keep only the FM's second-order term
-        for p in [*model.first_order.parameters(), *model.deep[-1].parameters()]:
+        for p in [*model.wide.parameters(), *model.deep[-1].parameters()]:
             p.zero_()
     emb = model.embedding(kjt)
     vectors = [emb[k] for k in model.fields.keys] + [dense @ model.dense_field.linear.weight.T]

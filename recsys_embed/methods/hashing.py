@@ -31,7 +31,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, IdLayout, as_one_feature, keyed, largest_fitting
+from recsys_embed.methods.remap import FanOut, IdLayout, as_one_feature, blocks_side_by_side, keyed, largest_fitting
 
 log = logging.getLogger(__name__)
 BAGS = "shared@bags"  # the shared table's one physical feature (fbgemm's fast backward needs one feature per table)
@@ -104,8 +104,8 @@ class HashEmbedding(EmbeddingMethod):
         pooled = self.tables(self.remap(features))
         if not self.shared:
             return pooled
-        values = pooled.values().view(len(self._feature_names), features.stride(), -1)  # feature f = block f of bags
-        return keyed(values.transpose(0, 1).reshape(features.stride(), -1), self._feature_names, self._length_per_key)
+        values = blocks_side_by_side(pooled.values(), features.stride())  # feature f = block f of bags
+        return keyed(values, self._feature_names, self._length_per_key)
 
     def memory_bytes(self) -> int:
         return self.rows_bytes(self._tables, self.rows, self.shared)

@@ -174,6 +174,11 @@ def as_one_feature(features: KeyedJaggedTensor, key: str) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=[key], values=features.values(), lengths=features.lengths(), stride=stride)
 
 
+def blocks_side_by_side(pooled: torch.Tensor, batch: int) -> torch.Tensor:
+    """Undo :func:`as_one_feature` on the pooled ``(F * B, d)`` rows: ``(B, F * d)``, block ``f`` in columns ``f``."""
+    return pooled.view(-1, batch, pooled.shape[1]).transpose(0, 1).reshape(batch, -1)
+
+
 def keyed(values: torch.Tensor, keys: list[str], dims: list[int]) -> KeyedTensor:
     """A ``KeyedTensor`` with the logical keys and dims over ``values`` of shape ``(B, sum(dims))``."""
     return KeyedTensor(keys=keys, length_per_key=dims, values=values)

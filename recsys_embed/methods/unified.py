@@ -40,7 +40,7 @@ from recsys_embed.methods.base import (
 )
 from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, IdLayout, as_one_feature, keyed
+from recsys_embed.methods.remap import FanOut, IdLayout, as_one_feature, blocks_side_by_side, keyed
 
 log = logging.getLogger(__name__)
 BAGS = "unified@bags"  # the shared table's one physical feature
@@ -107,8 +107,8 @@ class UnifiedEmbedding(EmbeddingMethod):
         return as_one_feature(self.fan_out(features, layout.flat(rows)), BAGS)
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        pooled = self.tables(self.remap(features)).values().view(len(self.fan_out.keys), features.stride(), -1)
-        pooled = pooled.transpose(0, 1).reshape(features.stride(), -1)  # a feature's chunks are adjacent: concatenated
+        pooled = self.tables(self.remap(features)).values()
+        pooled = blocks_side_by_side(pooled, features.stride())  # a feature's chunks are adjacent: concatenated
         if self.columns is not None:
             pooled = pooled[:, self.columns]
         return keyed(pooled, self._feature_names, self._length_per_key)

@@ -8,18 +8,11 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from recsys_embed.models.layers import (
-    DenseProjection,
-    EmbeddingFields,
-    FieldLinear,
-    flat_embeddings,
-    fm_interaction,
-    mlp,
-    with_dense,
-)
+from recsys_embed.models.layers import DenseProjection, fm_interaction
+from recsys_embed.models.wide_deep import WideDeep
 
 
-class DeepFM(nn.Module):
+class DeepFM(WideDeep):
     """DeepFM: a factorization machine and a deep MLP over the same field embeddings, their logits summed.
 
     Idea: ``logit = first_order + sum_{i<j} <v_i, v_j> + MLP([e_1, ..., e_F, x_dense])``. The FM part models
@@ -28,8 +21,9 @@ class DeepFM(nn.Module):
 
     Choices under an embedding budget (documented deviations from the paper):
 
-    - **First order**: the paper's FM keeps a scalar weight per id (a hidden one-dim table). Here the weight of an id
-      is tied to its embedding, ``<w_f, e_f>`` with one learned vector ``w_f`` per field (:class:`FieldLinear`),
+    - **First order**: the paper's FM keeps a scalar weight per id (a hidden one-dim table). Here it is
+      :class:`WideDeep`'s wide part (DeepFM is Wide&Deep plus the FM term): the weight of an id is tied to its
+      embedding, ``<w_f, e_f>`` with one learned vector ``w_f`` per field (:class:`FieldLinear`),
       plus a linear term on the raw dense features: no parameter per id, so the embedding module's
       ``memory_bytes()`` stays the model's whole id-dependent memory.
     - **Dense features** (``num_dense > 0``): projected to one more ``D``-vector field ``sum_j x_j v_j``
@@ -64,20 +58,13 @@ class DeepFM(nn.Module):
         dropout: float = 0.0,
         batch_norm: bool = False,
     ) -> None:
-        super().__init__()
-        self.embedding = embedding
-        self.fields = EmbeddingFields.of(embedding)
+        super().__init__(embedding, num_dense, deep_mlp=deep_mlp, dropout=dropout, batch_norm=batch_norm)
         self.dim = self.fields.common_dim("DeepFM")
-        self.num_dense = num_dense
-        width = self.fields.total_dim + num_dense
-        self.first_order = FieldLinear(width)
         self.dense_field = DenseProjection(num_dense, self.dim) if num_dense else None
-        self.deep = mlp(width, [*deep_mlp, 1], last_activation=False, dropout=dropout, batch_norm=batch_norm)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        flat = flat_embeddings(self.embedding(sparse), self.fields.keys)
-        inputs = with_dense(flat, dense, self.num_dense)
+        flat, inputs = self.inputs(dense, sparse)
         vectors = flat.reshape(flat.shape[0], self.fields.num_fields, self.dim)
         if self.dense_field is not None:
             vectors = torch.cat([vectors, self.dense_field(dense).unsqueeze(1)], dim=1)
-        return self.first_order(inputs) + fm_interaction(vectors) + self.deep(inputs).squeeze(1)
+        return self.wide(inputs) + fm_interaction(vectors) + self.deep(inputs).squeeze(1)

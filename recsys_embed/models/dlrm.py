@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from recsys_embed.models.layers import DotInteraction, mlp, stacked_embeddings
+from recsys_embed.models.layers import DotInteraction, EmbeddingFields, mlp, stacked_embeddings
 
 
 class DLRM(nn.Module):
@@ -40,13 +40,10 @@ class DLRM(nn.Module):
         top_mlp: Sequence[int] = (256, 128),
     ) -> None:
         super().__init__()
-        configs = embedding.embedding_bag_configs()
-        dims = {c.embedding_dim for c in configs}
-        if len(dims) != 1:
-            raise ValueError(f"DLRM needs one embedding_dim for all tables (got {sorted(dims)}).")
+        fields = EmbeddingFields.of(embedding)
         self.embedding = embedding
-        self.dim = dims.pop()
-        self.keys = [f for c in configs for f in c.feature_names]
+        self.dim = fields.common_dim("DLRM")
+        self.keys = list(fields.keys)
         self.num_dense = num_dense
         self.bottom = mlp(num_dense, [*bottom_mlp, self.dim]) if num_dense else None
         self.interaction = DotInteraction(len(self.keys) + (1 if num_dense else 0))

@@ -61,7 +61,11 @@ class WideDeep(nn.Module):
         self.wide = FieldLinear(width)
         self.deep = mlp(width, [*deep_mlp, 1], last_activation=False, dropout=dropout, batch_norm=batch_norm)
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+    def inputs(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flattened field embeddings ``(B, sum d_f)`` and the wide/deep input (with the dense features)."""
         flat = flat_embeddings(self.embedding(sparse), self.fields.keys)
-        inputs = with_dense(flat, dense, self.num_dense)
+        return flat, with_dense(flat, dense, self.num_dense)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        _, inputs = self.inputs(dense, sparse)
         return self.wide(inputs) + self.deep(inputs).squeeze(1)

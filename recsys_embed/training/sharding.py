@@ -224,9 +224,7 @@ def load_sharded_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> 
                 if tuple(source.shape) != tuple(target.size()):
                     raise ValueError(f"{key}: saved shape {tuple(source.shape)}, sharded table {tuple(target.size())}.")
                 for shard in target.local_shards():
-                    meta = shard.metadata
-                    index = tuple(slice(o, o + s) for o, s in zip(meta.shard_offsets, meta.shard_sizes))
-                    shard.tensor.copy_(source[index])
+                    shard.tensor.copy_(source[_shard_index(shard.metadata.shard_offsets, shard.metadata.shard_sizes)])
             else:
                 target.copy_(source)
 
@@ -252,13 +250,19 @@ def consolidated_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _optimizer_states(module: DistributedModelParallel) -> list[tuple[str, str, str, ShardedTensor]]:
-    """``(collection path, table, state name, sharded state)`` of this rank's fused tables, in a fixed order."""
+def _shard_index(offsets: Sequence[int], sizes: Sequence[int]) -> tuple[slice, ...]:
+    """Where a shard sits in its whole tensor."""
+    return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
+
+
+def _optimizer_states(module: DistributedModelParallel) -> list[tuple[str, str, ShardedTensor]]:
+    """``(collection path, key, sharded state)`` of this rank's fused tables; ``key`` is ``f"{table}.{i}"``, the
+    ``i``-th state of the table by name, as in :meth:`FusedTables.optimizer_state`."""
     states = []
     for param_key, named in module.fused_optimizer.state_dict()["state"].items():
         path, table = param_key.rsplit(".embedding_bags.", 1)
-        for name in sorted(named):
-            states.append((path, table.removesuffix(".weight"), name, named[name]))
+        table = table.removesuffix(".weight")
+        states.extend((path, f"{table}.{i}", named[name]) for i, name in enumerate(sorted(named)))
     return states
 
 
@@ -273,31 +277,22 @@ def consolidated_optimizer_state(
     the whole row's mean).
     """
     local = [
-        (
-            path,
-            table,
-            name,
-            tuple(state.size()),
-            [(s.metadata.shard_offsets, s.tensor.cpu()) for s in state.local_shards()],
-        )
-        for path, table, name, state in _optimizer_states(module)
+        (path, key, tuple(state.size()), [(s.metadata.shard_offsets, s.tensor.cpu()) for s in state.local_shards()])
+        for path, key, state in _optimizer_states(module)
     ]
-    rank = dist.get_rank()
-    gathered: list[object] | None = [None] * dist.get_world_size() if rank == 0 else None
+    gathered: list[object] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local, gathered, dst=0)
     if gathered is None:
         return {}
-    totals: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for path, table, name, size, shards in (entry for rank_states in gathered for entry in rank_states):  # type: ignore[union-attr]
-        total, count = totals.setdefault((path, table, name), (torch.zeros(size), torch.zeros(size)))
+    totals: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for path, key, size, shards in (entry for rank_states in gathered for entry in rank_states):  # type: ignore[union-attr]
+        total, count = totals.setdefault((path, key), (torch.zeros(size), torch.zeros(size)))
         for offsets, tensor in shards:
-            index = tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))
-            total[index] += tensor
-            count[index] += 1
+            total[_shard_index(offsets, tensor.shape)] += tensor
+            count[_shard_index(offsets, tensor.shape)] += 1
     out: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for (path, table, name), (total, count) in sorted(totals.items()):
-        index = sum(1 for p, t, _ in totals if p == path and t == table and _ < name)
-        out[prefix + path][f"{table}.{index}"] = total / count.clamp(min=1)
+    for (path, key), (total, count) in sorted(totals.items()):
+        out[prefix + path][key] = total / count.clamp(min=1)
     return dict(out)
 
 
@@ -305,13 +300,8 @@ def load_sharded_optimizer_state(
     module: DistributedModelParallel, saved: Mapping[str, Mapping[str, torch.Tensor]], prefix: str = ""
 ) -> None:
     """Copy what :func:`consolidated_optimizer_state` (or unsharded ``FusedTables``) saved into this rank's shards."""
-    states = _optimizer_states(module)
-    by_table: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for path, table, name, _ in states:
-        by_table[(path, table)].append(name)
     with torch.no_grad():
-        for path, table, name, state in states:
-            key = f"{table}.{by_table[(path, table)].index(name)}"
+        for path, key, state in _optimizer_states(module):
             source = saved.get(prefix + path, {}).get(key)
             if source is None or tuple(source.shape) != tuple(state.size()):
                 raise ValueError(
@@ -319,5 +309,4 @@ def load_sharded_optimizer_state(
                     f"{tuple(state.size())}: it was written with other tables or another sparse optimizer."
                 )
             for shard in state.local_shards():
-                meta = shard.metadata
-                shard.tensor.copy_(source[tuple(slice(o, o + n) for o, n in zip(meta.shard_offsets, meta.shard_sizes))])
+                shard.tensor.copy_(source[_shard_index(shard.metadata.shard_offsets, shard.metadata.shard_sizes)])
