@@ -1,20 +1,36 @@
-"""The compression registry: one file per method, all behind :class:`EmbeddingMethod`."""
+"""The compression registry: one file per method, all behind :class:`EmbeddingMethod`.
 
-# importing the method modules registers them
-from recsys_embed.methods import adapt, full, hashing, mde, multi_hash, qr, qr_path, unified  # noqa: F401
-from recsys_embed.methods.base import Budget, EmbeddingMethod, full_bytes
-from recsys_embed.methods.fused import SparseOptimizer, dense_parameters, fuse_tables
+Every module of this package is imported here (a package scan), so a new method is one new file whose class is
+decorated with ``@register("name")``, and nothing else.
+"""
+
+import importlib
+import pkgutil
+
+from recsys_embed.methods.base import Budget, EmbeddingMethod, ParameterGroup, Stage, full_bytes
+from recsys_embed.methods.fused import dense_parameters, fuse_tables
 from recsys_embed.methods.registry import available_methods, build_embedding, method_class, method_options
+from recsys_embed.methods.saving import load_method, save_method
+from recsys_embed.methods.storage import SparseOptimizer, TableOptions, TableStorage
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "Budget",
     "EmbeddingMethod",
+    "ParameterGroup",
     "SparseOptimizer",
+    "Stage",
+    "TableOptions",
+    "TableStorage",
     "available_methods",
     "build_embedding",
     "dense_parameters",
     "full_bytes",
     "fuse_tables",
+    "load_method",
     "method_class",
     "method_options",
+    "save_method",
 ]

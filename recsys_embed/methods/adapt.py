@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import mix_to_buckets, seed_offset
@@ -46,6 +47,7 @@ class AdaptiveHotCold(EmbeddingMethod):
     budget_knobs = ("rows",)
 
     needs_id_counts = True
+    config_exclude = ("device", "id_counts")  # the counts are data; the hot ids they chose are state
 
     def __init__(
         self,
@@ -84,8 +86,17 @@ class AdaptiveHotCold(EmbeddingMethod):
         self.register_buffer("hashed", torch.tensor(hashed, device=dev), persistent=False)
         self.register_buffer("feature_table", torch.tensor(self._table_index, device=dev), persistent=False)
         physical = [replace(t, num_embeddings=min(t.num_embeddings, rows)) for t in self._tables]
-        self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+        self.tables = self.add_tables("tables", physical, device=dev)
         self.fan_out = FanOut(self._feature_names, [1] * len(self._feature_names))
+
+    @classmethod
+    def from_config(
+        cls, tables: Sequence[EmbeddingBagConfig], config: dict[str, Any], device: str | torch.device | None = None
+    ) -> AdaptiveHotCold:
+        """The form of ``config`` with placeholder hot ids (the first ids of each table): the real ones are the
+        ``hot_keys`` buffer of the state dict loaded next, so no id counts are read."""
+        placeholder = {f: np.arange(t.num_embeddings, 0, -1) for t in tables for f in t.feature_names}
+        return cls(tables, **config, id_counts=placeholder, device=device)
 
     def _checked_counts(self, id_counts: Mapping | None, needed: list[str]) -> Mapping:
         if not needed:

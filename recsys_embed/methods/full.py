@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import Budget, EmbeddingMethod, full_bytes
 from recsys_embed.methods.registry import register
@@ -39,7 +39,7 @@ class Full(EmbeddingMethod):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__(tables, validate_ids=validate_ids)
-        self.tables = EmbeddingBagCollection(tables=self._tables, device=torch.device(device or "cpu"))
+        self.tables = self.add_tables("tables", self._tables, device=torch.device(device or "cpu"))
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self.tables(features)

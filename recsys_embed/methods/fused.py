@@ -16,19 +16,18 @@ Example::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor, KeyedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.fused import FusedOptimizerModule
 
-from recsys_embed.methods.base import TBE_DIM_MULTIPLE
+from recsys_embed.methods.base import TBE_DIM_MULTIPLE, EmbeddingMethod
+from recsys_embed.methods.storage import SparseOptimizer, TableOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +37,7 @@ _FBGEMM_OPTIMIZERS = {
     "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
     "adam": EmbOptimType.ADAM,
 }
-
-
-@dataclass
-class SparseOptimizer:
-    """The optimizer fused into the embedding tables (applied inside backward by fbgemm).
-
-    ``rowwise_adagrad`` keeps one accumulator per row (the DLRM default); ``adagrad`` one per element; ``sgd``
-    none; ``adam`` two per element (CUDA only: fbgemm's CPU kernels have no Adam).
-    """
-
-    name: Literal["sgd", "adagrad", "rowwise_adagrad", "adam"] = "rowwise_adagrad"
-    lr: float = 0.05
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        if self.name not in _FBGEMM_OPTIMIZERS:
-            raise ValueError(f"Unknown sparse optimizer {self.name!r}; choose one of {sorted(_FBGEMM_OPTIMIZERS)}.")
-        if self.lr <= 0:
-            raise ValueError(f"Sparse optimizer lr must be positive (got {self.lr}).")
+_FBGEMM_PRECISION = {"fp32": SparseType.FP32, "fp16": SparseType.FP16}
 
 
 def fbgemm_fused_params(optimizer: SparseOptimizer) -> dict[str, object]:
@@ -67,8 +48,14 @@ def fbgemm_fused_params(optimizer: SparseOptimizer) -> dict[str, object]:
     return params
 
 
-def check_fusable(tables: list[EmbeddingBagConfig], optimizer: SparseOptimizer, device: torch.device) -> None:
-    """fbgemm's limits, as clear errors: no CPU Adam, dims in multiples of ``TBE_DIM_MULTIPLE``."""
+def check_fusable(
+    tables: list[EmbeddingBagConfig] | list[EmbeddingConfig],
+    optimizer: SparseOptimizer,
+    device: torch.device,
+    pooled: bool = True,
+) -> None:
+    """fbgemm's limits, as clear errors: no CPU Adam, dims in multiples of ``TBE_DIM_MULTIPLE``, one dim for all
+    unpooled tables of a kernel."""
     if optimizer.name == "adam" and device.type != "cuda":
         raise ValueError("Sparse optimizer 'adam' needs CUDA (fbgemm has no CPU Adam); use 'rowwise_adagrad' on CPU.")
     for table in tables:
@@ -77,18 +64,32 @@ def check_fusable(tables: list[EmbeddingBagConfig], optimizer: SparseOptimizer, 
                 f"Table {table.name!r} has embedding_dim {table.embedding_dim}: fbgemm's table-batched kernels "
                 f"need a multiple of {TBE_DIM_MULTIPLE}; change the dim (or the method's dim options)."
             )
+    dims = {t.embedding_dim for t in tables}
+    if not pooled and len(dims) > 1:
+        raise ValueError(
+            f"Unpooled tables {[t.name for t in tables]} have dims {sorted(dims)}: fbgemm's sequence kernels need "
+            "one dim; declare each dim as its own group of tables."
+        )
 
 
 class FusedTables(nn.Module):
-    """fbgemm's table-batched embedding bags with a fused optimizer, behind the ``EmbeddingBagCollection`` API.
+    """fbgemm's table-batched embeddings with a fused optimizer, behind TorchRec's collection APIs.
 
     One ``SplitTableBatchedEmbeddingBagsCodegen`` serves all tables: the KJT's values and offsets go to it as they
-    are (no per-feature split), and backward applies the optimizer to the rows read. Each table's rows are exposed
-    as ``embedding_bags.{table}.weight`` (views of the kernel's storage), so state dicts match a plain EBC's.
+    are (no per-feature split), and backward applies the optimizer to the rows read. Pooled tables behave as an
+    ``EmbeddingBagCollection`` (rows exposed as ``embedding_bags.{table}.weight``), unpooled ones as an
+    ``EmbeddingCollection`` (``embeddings.{table}.weight``, output ``dict[str, JaggedTensor]``); the weights are
+    views of the kernel's storage, so state dicts match the plain collection's.
     """
 
     def __init__(
-        self, tables: list[EmbeddingBagConfig], optimizer: SparseOptimizer, device: torch.device | None = None
+        self,
+        tables: list[EmbeddingBagConfig] | list[EmbeddingConfig],
+        optimizer: SparseOptimizer,
+        device: torch.device | None = None,
+        *,
+        pooled: bool = True,
+        options: TableOptions = TableOptions(),
     ) -> None:
         super().__init__()
         device = device or torch.device("cpu")
@@ -98,22 +99,29 @@ class FusedTables(nn.Module):
         kernel = SplitTableBatchedEmbeddingBagsCodegen(
             [(t.num_embeddings, t.embedding_dim, location, compute) for t in tables],
             feature_table_map=[i for i, t in enumerate(tables) for _ in t.feature_names],
-            pooling_mode=PoolingMode.SUM,
+            pooling_mode=PoolingMode.SUM if pooled else PoolingMode.NONE,
             device=device,
+            weights_precision=_FBGEMM_PRECISION[options.precision],
+            stochastic_rounding=options.stochastic_rounding,
             **fbgemm_fused_params(optimizer),
         )
         self._kernel = [kernel]  # not a registered child: its state is exposed through embedding_bags below
         self._tables = list(tables)
+        self.pooled = pooled
         self._keys = [f for t in tables for f in t.feature_names]
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
-        self.embedding_bags = nn.ModuleDict()
+        rows = nn.ModuleDict()
         for table, weight in zip(tables, kernel.split_embedding_weights()):
             holder = nn.Module()
             holder.register_parameter("weight", nn.Parameter(weight))
-            self.embedding_bags[table.name] = holder
+            rows[table.name] = holder
+        self.add_module("embedding_bags" if pooled else "embeddings", rows)
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        return self._tables
+        return self._tables  # type: ignore[return-value]
+
+    def embedding_configs(self) -> list[EmbeddingConfig]:
+        return self._tables  # type: ignore[return-value]
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """The fused optimizer's per-table state (e.g. row-wise Adagrad accumulators), copied, for checkpoints."""
@@ -138,32 +146,42 @@ class FusedTables(nn.Module):
                 for i, current in enumerate(table):
                     current.copy_(state[f"{t.name}.{i}"])
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
         if features.keys() != self._keys:
             features = features.permute([features.keys().index(k) for k in self._keys])
         values = features.values()
-        pooled = self._kernel[0](indices=values, offsets=features.offsets().to(values.dtype))
-        return KeyedTensor(keys=self._keys, length_per_key=self._dims, values=pooled)
+        out = self._kernel[0](indices=values, offsets=features.offsets().to(values.dtype))
+        if self.pooled:
+            return KeyedTensor(keys=self._keys, length_per_key=self._dims, values=out)
+        rows = out.view(-1, self._dims[0]) if out.dim() == 1 else out
+        lengths = features.lengths().view(len(self._keys), -1)
+        pieces = rows.split(features.length_per_key())
+        return {k: JaggedTensor(values=v, lengths=n) for k, v, n in zip(self._keys, pieces, lengths.unbind(0))}
 
 
 def fuse_tables(module: nn.Module, optimizer: SparseOptimizer, device: torch.device | None = None) -> int:
-    """Replace every ``EmbeddingBagCollection`` below ``module`` by :class:`FusedTables`, keeping the weights.
+    """Replace the declared tables of every method below ``module`` by :class:`FusedTables`, keeping the weights.
 
-    Returns the number of collections fused. State-dict keys are unchanged, so checkpoints load either way.
+    Acts on each method's :meth:`~recsys_embed.methods.base.EmbeddingMethod.storage` declarations: pooled and
+    unpooled tables alike, each with its own precision and optimizer override; method-owned tables are left to
+    the method. Returns the number of collections fused (already fused ones are skipped). State-dict keys are
+    unchanged, so checkpoints load either way.
     """
     fused = 0
-    for parent in list(module.modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is not EmbeddingBagCollection:
+    for method in [m for m in module.modules() if isinstance(m, EmbeddingMethod)]:
+        for storage in method.storage():
+            child = method.get_submodule(storage.path)
+            if storage.options.method_owned or isinstance(child, FusedTables):
                 continue
+            tables = list(storage.configs)
             target = device or next(child.parameters()).device
-            check_fusable(child.embedding_bag_configs(), optimizer, target)
-            replacement = FusedTables(child.embedding_bag_configs(), optimizer, target)
+            chosen = method.sparse_optimizer_for(storage, optimizer)
+            check_fusable(tables, chosen, target, storage.pooled)
+            replacement = FusedTables(tables, chosen, target, pooled=storage.pooled, options=storage.options)
             replacement.load_state_dict(child.state_dict())
-            setattr(parent, child_name, replacement)
+            setattr(method, storage.path, replacement)
             fused += 1
-    if fused:
-        log.info("Fused %d embedding collection(s) with sparse optimizer %s", fused, optimizer)
+            log.info("Fused %s.%s (%d tables) with sparse optimizer %s", method.name, storage.path, len(tables), chosen)
     return fused
 
 

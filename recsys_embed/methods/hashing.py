@@ -26,7 +26,7 @@ from dataclasses import replace
 from typing import Literal
 
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, seed_offset
@@ -85,7 +85,7 @@ class HashEmbedding(EmbeddingMethod):
         self.register_buffer("buckets", torch.tensor(buckets, dtype=torch.int64, device=dev), persistent=False)
         self.register_buffer("hashed", torch.tensor(hashed, dtype=torch.bool, device=dev), persistent=False)
         self._hashed_index = [f for f, h in enumerate(hashed) if h]
-        self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+        self.tables = self.add_tables("tables", physical, device=dev)
         self.fan_out = FanOut(self._feature_names, [1] * len(self._feature_names))
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:

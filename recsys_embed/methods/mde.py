@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.registry import register
@@ -83,7 +83,7 @@ class MixedDimEmbedding(EmbeddingMethod):
         self.alpha = alpha
         dev = torch.device(device or "cpu")
         physical = [replace(t, embedding_dim=d) for t, d in zip(self._tables, self.dims)]
-        self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+        self.tables = self.add_tables("tables", physical, device=dev)
         self.projections = nn.ModuleDict(
             {
                 t.name: nn.Linear(d, t.embedding_dim, bias=False, device=dev)

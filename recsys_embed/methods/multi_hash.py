@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import mix_to_buckets, seed_offset
@@ -57,7 +57,7 @@ class MultiHashEmbedding(EmbeddingMethod):
         hashed = [self._cardinality[f] > rows for f in self._feature_names]
         self.fold = BagFold(self._feature_names, [num_hashes if h else 1 for h in hashed])
         physical = [replace(t, num_embeddings=min(t.num_embeddings, rows)) for t in self._tables]
-        self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+        self.tables = self.add_tables("tables", physical, device=dev)
         self.unbounded_features = {f for f, h in zip(self._feature_names, hashed) if h}
         seeds = torch.arange(len(self._tables) * num_hashes, dtype=torch.int64) + seed * 1_000_003
         self.register_buffer("seeds", seeds.view(-1, num_hashes).to(dev))  # per logical table and hash

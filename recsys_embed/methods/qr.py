@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import torch
 from torch.autograd.function import once_differentiable
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.registry import register
@@ -148,7 +148,7 @@ class QREmbedding(EmbeddingMethod):
             rows = partition_rows(t.num_embeddings, base, k)
             physical.append(replace(t, num_embeddings=rows, embedding_dim=width[t.name], feature_names=names))
         dev = torch.device(device or "cpu")
-        self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+        self.tables = self.add_tables("tables", physical, device=dev)
         base_of = {f: b for t, b in zip(self._tables, bases) for f in t.feature_names}
         feature_bases = [base_of[f] for f in self._feature_names]
         self.register_buffer("base", torch.tensor(feature_bases, device=dev), persistent=False)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.functional import embedding_bag
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
 from recsys_embed.methods.registry import register
@@ -164,7 +164,7 @@ class QRPathEmbedding(EmbeddingMethod):
         self.bases = bases
         dev = torch.device(device or "cpu")
         physical = [replace(t, num_embeddings=-(-t.num_embeddings // b)) for t, b in zip(self._tables, bases)]
-        self.tables = EmbeddingBagCollection(tables=physical, device=dev)
+        self.tables = self.add_tables("tables", physical, device=dev)
         self.maps = nn.ParameterDict(
             {
                 t.name: nn.Parameter(torch.eye(t.embedding_dim, device=dev).expand(b, -1, -1).contiguous())

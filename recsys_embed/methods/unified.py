@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import (
     FP32_BYTES,
@@ -84,7 +84,7 @@ class UnifiedEmbedding(EmbeddingMethod):
         columns = self.fan_out.live_columns([chunk_dim] * len(self.chunks))  # mixed dims: drop muted chunks
         self.register_buffer("columns", columns.to(dev) if columns is not None else None, persistent=False)
         shared = EmbeddingBagConfig(name="unified", num_embeddings=rows, embedding_dim=chunk_dim, feature_names=[BAGS])
-        self.tables = EmbeddingBagCollection(tables=[shared], device=dev)
+        self.tables = self.add_tables("tables", [shared], device=dev)
         most = max(self.chunks)
         seeds = seed * 1_000_003 + torch.arange(len(self._feature_names) * most).view(-1, most)
         self.register_buffer("seeds", seeds.to(dev))

@@ -40,7 +40,8 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
 from recsys_embed.methods.base import FP32_BYTES
-from recsys_embed.methods.fused import SparseOptimizer, check_fusable, fbgemm_fused_params
+from recsys_embed.methods.fused import check_fusable, fbgemm_fused_params
+from recsys_embed.methods.storage import SparseOptimizer
 
 log = logging.getLogger(__name__)
 # TorchRec 1.8's sharded tables are ShardedTensors, which torch flags as deprecated on every access.

@@ -35,7 +35,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn import Module
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from recsys_embed.methods.fused import SparseOptimizer
+from recsys_embed.methods.storage import SparseOptimizer
 from recsys_embed.training.sharding import (
     allowed_sharding_types,
     consolidated_state_dict,
