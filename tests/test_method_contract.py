@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import pytest
 import torch
-from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
-from recsys_embed.methods import EmbeddingMethod, SparseOptimizer, available_methods, build_embedding
+from recsys_embed.methods import (
+    Budget,
+    EmbeddingMethod,
+    SparseOptimizer,
+    available_methods,
+    build_embedding,
+    dense_parameters,
+    load_method,
+    method_class,
+    save_method,
+)
 from recsys_embed.methods.fused import fuse_tables
 from tests.conftest import budget_for, make_tables, method_options, random_kjt
 
@@ -130,3 +142,165 @@ def test_loss_decreases_on_a_tiny_task(name: str, fused: bool) -> None:
             dense_opt.step()
             dense_opt.zero_grad()
     assert loss().item() < 0.7 * first
+
+
+# ---- the contract, second version (served form, config, save/load, per-id rows, batch shapes) ----------------------
+def one_id_per_bag(tables: list[EmbeddingBagConfig], batch: int, seed: int = 0) -> KeyedJaggedTensor:
+    """The production CTR shape: every feature has exactly one id per example."""
+    g = torch.Generator().manual_seed(seed)
+    keys = [f for t in tables for f in t.feature_names]
+    cards = [t.num_embeddings for t in tables for _ in t.feature_names]
+    values = torch.cat([torch.randint(0, n, (batch,), generator=g) for n in cards])
+    return KeyedJaggedTensor(
+        keys=keys, values=values, lengths=torch.ones(len(keys) * batch, dtype=torch.long), stride=batch
+    )
+
+
+def test_served_form_stores_memory_bytes_and_gives_the_trained_outputs(name: str) -> None:
+    emb = build(name)
+    fuse_tables(emb, SparseOptimizer(name="adagrad", lr=0.3))  # a trained form: fused kernels, one step taken
+    kjt = random_kjt(make_tables(), batch=6, seed=2)
+    emb(kjt).values().pow(2).sum().backward()
+    served = emb.to_serving()
+    assert not served.training
+    assert stored_bytes(served) == emb.memory_bytes()
+    assert emb.training_bytes() >= emb.memory_bytes()
+    with torch.no_grad():
+        torch.testing.assert_close(served(kjt).values(), emb(kjt).values())
+
+
+def test_config_is_plain_and_rebuilds_the_same_form(name: str) -> None:
+    emb = build(name, seed=1)
+    config = emb.config()
+    assert json.loads(json.dumps(config)) == json.loads(json.dumps(config, default=str))  # plain types only
+    rebuilt = type(emb).from_config(make_tables(), config)
+    assert rebuilt.config() == config
+    assert rebuilt.memory_bytes() == emb.memory_bytes()
+    rebuilt.load_state_dict(emb.state_dict())
+    kjt = random_kjt(make_tables(), batch=5, seed=3)
+    torch.testing.assert_close(rebuilt(kjt).values(), emb(kjt).values())
+
+
+def test_save_and_load_alone(name: str, tmp_path: Path) -> None:
+    emb = build(name, seed=1)
+    save_method(emb, tmp_path / "method.pt")
+    loaded = load_method(tmp_path / "method.pt", tables=make_tables())
+    assert type(loaded) is type(emb) and loaded.config() == emb.config()
+    kjt = random_kjt(make_tables(), batch=5, seed=3)
+    torch.testing.assert_close(loaded(kjt).values(), emb(kjt).values())
+    with pytest.raises(ValueError, match="built for other tables.*'t2'"):
+        load_method(tmp_path / "method.pt", tables=make_tables((7, 50, 3001)))
+
+
+def test_one_id_per_bag_equals_the_per_id_rows(name: str) -> None:
+    """The usual CTR batch (uniform layout, the remaps' fast path) against ``embeddings()`` (the ragged path)."""
+    emb = build(name)
+    tables = make_tables()
+    kjt = one_id_per_bag(tables, batch=32, seed=5)
+    pooled = emb(kjt).to_dict()
+    per_key = kjt.to_dict()
+    for t in tables:
+        for f in t.feature_names:
+            torch.testing.assert_close(pooled[f], emb.embeddings(f, per_key[f].values()))
+            torch.testing.assert_close(emb.all_embeddings(f, batch_size=17)[per_key[f].values()], pooled[f])
+
+
+def test_per_id_rows_carry_gradients(name: str) -> None:
+    emb = build(name)
+    rows = emb.embeddings("f2", torch.tensor([0, 5, 2999]))
+    assert rows.shape == (3, 8)
+    rows.pow(2).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in emb.parameters())
+
+
+def test_mixed_dims_and_a_table_read_by_several_features(name: str) -> None:
+    tables = [
+        EmbeddingBagConfig(name="shared", num_embeddings=400, embedding_dim=8, feature_names=["a", "b"]),
+        EmbeddingBagConfig(name="wide", num_embeddings=3000, embedding_dim=16, feature_names=["c"]),
+        EmbeddingBagConfig(name="tiny", num_embeddings=5, embedding_dim=8, feature_names=["d"]),
+    ]
+    torch.manual_seed(0)
+    emb = build_embedding(name, tables, budget=budget_for(name, 2.0), **method_options(name, tables))
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 5, (8,), generator=g)
+    same = KeyedJaggedTensor(
+        keys=["a", "b", "c", "d"],
+        values=torch.cat([ids, ids, ids, ids]),
+        lengths=torch.ones(32, dtype=torch.long),
+        stride=8,
+    )
+    out = emb(same)
+    assert out.keys() == ["a", "b", "c", "d"] and out.length_per_key() == [8, 8, 16, 8]
+    torch.testing.assert_close(out["a"], out["b"])  # one table, same id -> same vector
+    assert not torch.equal(out["a"], out["d"])
+
+
+def test_permuted_keys_give_the_same_output(name: str) -> None:
+    emb = build(name)
+    kjt = random_kjt(make_tables(), batch=5, seed=8)
+    order = [2, 0, 1]
+    permuted = kjt.permute(order)
+    assert permuted.keys() != kjt.keys()
+    out = emb(permuted)
+    assert out.keys() == kjt.keys()
+    torch.testing.assert_close(out.values(), emb(kjt).values())
+
+
+HUGE = 3 * 2**32  # ids well past 2^31: no int32 anywhere on the way
+CANNOT_HOLD_HUGE = {
+    "full": "stores every row",
+    "mde": "keeps at least dim 4 per row (ratio <= 4 at dim 16)",
+    "adapt": "needs per-id counts of every id",
+}
+
+
+def test_ids_beyond_2_31(name: str) -> None:
+    tables = [
+        EmbeddingBagConfig(name="huge", num_embeddings=HUGE, embedding_dim=8, feature_names=["big"]),
+        EmbeddingBagConfig(name="small", num_embeddings=40, embedding_dim=8, feature_names=["small"]),
+    ]
+    budget = Budget(bytes=2**25)
+    if name in CANNOT_HOLD_HUGE:
+        with pytest.raises(ValueError, match=f"'{name}'"):
+            build_embedding(name, tables, budget=budget)
+        return
+    emb = build_embedding(name, tables, budget=budget)
+    ids = torch.tensor([2**31 - 1, 2**31, 2**31 + 7, 2**31 + 7 + 2**32, HUGE - 1])
+    rows = emb.embeddings("big", ids)
+    assert torch.isfinite(rows).all()
+    assert not torch.equal(rows[2], rows[3])  # ids 2^32 apart must not alias (an int32 truncation would)
+    torch.testing.assert_close(emb.embeddings("big", ids[2:3]), rows[2:3])
+    with pytest.raises(ValueError, match="negative id"):
+        emb.embeddings("big", torch.tensor([-1]))
+
+
+def test_loss_falls_with_fused_tables_and_a_dense_optimizer(name: str) -> None:
+    """As training runs it: fused sparse optimizer in the tables, Adam on everything else."""
+    tables = make_tables((7, 50, 3000), dim=8)
+    torch.manual_seed(0)
+    emb = build_embedding(name, tables, budget=budget_for(name, 2.0), **method_options(name, tables))
+    fuse_tables(emb, SparseOptimizer(name="rowwise_adagrad", lr=0.3))
+    dense = dense_parameters(emb)
+    dense_opt = torch.optim.Adam(dense, lr=1e-2) if dense else None
+    kjt = random_kjt(tables, batch=64, seed=4, allow_empty=False)
+    target = torch.randn(64, 24, generator=torch.Generator().manual_seed(5))
+
+    def loss() -> torch.Tensor:
+        return (emb(kjt).values() - target).pow(2).mean()
+
+    first = loss().item()
+    for _ in range(30):
+        value = loss()
+        value.backward()
+        if dense_opt is not None:
+            dense_opt.step()
+            dense_opt.zero_grad()
+    assert loss().item() < 0.7 * first
+
+
+def test_every_method_declares_its_tables(name: str) -> None:
+    emb = build(name)
+    declared = {s.path for s in emb.storage()}
+    collections = {n for n, m in emb.named_children() if isinstance(m, EmbeddingBagCollection)}
+    assert declared and collections <= declared
+    assert method_class(name).version >= 1

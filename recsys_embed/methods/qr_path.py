@@ -229,7 +229,8 @@ class QRPathEmbedding(EmbeddingMethod):
             index = maps_of_ids[start:stop][order]
             if maps.shape[0] * d < 2**31 and (stop - start) * d < 2**31:  # int32 lookups: less memory traffic
                 index, offsets = index.to(torch.int32), offsets.to(torch.int32)
-            rows = pooled[:, column : column + count * d].reshape(-1, d)  # a view when one run holds every table
+            # a view when one run holds every table; a copy (made contiguous) otherwise
+            rows = pooled[:, column : column + count * d].reshape(-1, d).contiguous()
             column += count * d
             out.append(_ApplyMaps.apply(maps, rows, index, offsets, bag).view(batch, count * d))
         return keyed(torch.cat(out, dim=1) if len(out) > 1 else out[0], self._feature_names, self._length_per_key)

@@ -2,15 +2,16 @@
 
 Idea (Coleman et al., NeurIPS'23, "Unified Embedding: Battle-Tested Feature Representations for Web-Scale ML
 Systems"): one table of ``rows`` rows of width ``chunk_dim`` serves all features; each feature has its own seeded
-hash, so features multiplex the same rows and collisions spread across features. A feature of dim ``d`` is built
+hash (features of one logical table share theirs: same id, same vector), so features multiplex the same rows and
+collisions spread across features. A feature of dim ``d`` is built
 from ``d / chunk_dim`` chunks (multi-probe), each with an independent hash, concatenated; so features with
 different dims share one table. Implemented as one TorchRec table read by one physical feature per chunk.
 
-``hash="identity"`` places the chunks of every feature at consecutive offsets (``(offset + id) mod rows``), which
-with ``rows >= sum_f n_f * chunks_f`` is collision-free (a full table, used by the parity test).
+``hash="identity"`` places the chunks of every table at consecutive offsets (``(offset + id) mod rows``), which
+with ``rows >= sum_t n_t * chunks_t`` is collision-free (a full table, used by the parity test).
 
-Memory: ``rows * chunk_dim * 4 + 8 * #features * max_chunks`` bytes (the table plus an int64 seed for each
-feature and chunk slot, ``max_chunks = max(d) / chunk_dim``). The budget
+Memory: ``rows * chunk_dim * 4 + 8 * #tables * max_chunks`` bytes (the table plus an int64 seed for each
+logical table and chunk slot, ``max_chunks = max(d) / chunk_dim``). The budget
 solver picks the largest ``rows`` that fits.
 
 Example::
@@ -51,6 +52,7 @@ class UnifiedEmbedding(EmbeddingMethod):
     """One shared ``rows x chunk_dim`` table; each feature chunk has its own hash into it."""
 
     budget_knobs = ("rows",)
+    version = 2  # 2: seeds per logical table (were per feature)
 
     def __init__(
         self,
@@ -86,12 +88,14 @@ class UnifiedEmbedding(EmbeddingMethod):
         shared = EmbeddingBagConfig(name="unified", num_embeddings=rows, embedding_dim=chunk_dim, feature_names=[BAGS])
         self.tables = self.add_tables("tables", [shared], device=dev)
         most = max(self.chunks)
-        seeds = seed * 1_000_003 + torch.arange(len(self._feature_names) * most).view(-1, most)
+        seeds = seed * 1_000_003 + torch.arange(len(self._tables) * most).view(-1, most)  # per table and chunk
         self.register_buffer("seeds", seeds.to(dev))
-        cards = [self._cardinality[f] for f in self._feature_names]
-        starts = [sum(n * k for n, k in zip(cards[:i], self.chunks[:i])) for i in range(len(cards))]
-        offsets = torch.tensor([[start + c * n for c in range(most)] for start, n in zip(starts, cards)])
-        self.register_buffer("offsets", offsets.to(dev), persistent=False)
+        self.register_buffer("feature_table", torch.tensor(self._table_index, device=dev), persistent=False)
+        cards = [t.num_embeddings for t in self._tables]
+        chunks = [t.embedding_dim // chunk_dim for t in self._tables]
+        starts = [sum(n * k for n, k in zip(cards[:i], chunks[:i])) for i in range(len(cards))]
+        offsets = torch.tensor([[starts[i] + c * cards[i] for c in range(most)] for i in self._table_index])
+        self.register_buffer("offsets", offsets.to(dev), persistent=False)  # per feature: its table's
         with torch.no_grad():
             bound = math.sqrt(1.0 / max(cards))
             self.tables.embedding_bags["unified"].weight.uniform_(-bound, bound)
@@ -103,7 +107,8 @@ class UnifiedEmbedding(EmbeddingMethod):
         if self.hash_name == "identity":
             rows = torch.remainder(layout.spread(self.offsets.T) + layout.ids, self.rows)
         else:  # all chunks of all features in one call: (chunks, ids)
-            rows = mix_to_buckets(layout.ids + layout.spread(seed_offset(self.seeds.T)), self.rows)
+            seeds = self.seeds.index_select(0, self.feature_table)  # (F, chunks): each feature its table's
+            rows = mix_to_buckets(layout.ids + layout.spread(seed_offset(seeds.T)), self.rows)
         return as_one_feature(self.fan_out(features, layout.flat(rows)), BAGS)
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -124,8 +129,7 @@ class UnifiedEmbedding(EmbeddingMethod):
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> UnifiedEmbedding:
         tables = check_tables(tables)
         chunk_dim = int(options.get("chunk_dim") or math.gcd(*[t.embedding_dim for t in tables]))  # type: ignore[arg-type]
-        features = sum(len(t.feature_names) for t in tables)
-        seeds = features * max(t.embedding_dim for t in tables) // chunk_dim
+        seeds = len(tables) * max(t.embedding_dim for t in tables) // chunk_dim
         allowed = budget.max_bytes(tables)
         rows = (allowed - INT64_BYTES * seeds) // (chunk_dim * FP32_BYTES)
         if rows < 1:
