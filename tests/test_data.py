@@ -111,6 +111,15 @@ def test_nulls_are_a_clear_error(tmp_path: Path) -> None:
         list(ParquetBatches(tmp_path / "train.parquet", schema, 2))
 
 
+def test_labels_outside_zero_one_are_a_clear_error(tmp_path: Path) -> None:
+    schema = _small_folder(tmp_path)
+    table = pq.read_table(tmp_path / "train.parquet")
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array([0.0, 2.0, 1.0, 0.0, 1.0]))
+    pq.write_table(table, tmp_path / "train.parquet")
+    with pytest.raises(ValueError, match=r"Column 'label' .* 1 labels outside \{0, 1\} \(first: 2\)"):
+        list(ParquetBatches(tmp_path / "train.parquet", schema, 2))
+
+
 def test_missing_columns_and_schema_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="No schema.json"):
         CTRSchema.load(tmp_path)

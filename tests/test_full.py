@@ -73,7 +73,7 @@ def test_sparse_optimizer_errors() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ([0, 7, 1], r"Feature 'f0' \(table 't0'\) has id 7 outside \[0, 7\)"),
+        ([0, 7, 1], r"Feature 'f0' has id 7, but it was declared with 7 ids \(0..6\).*schema.json.*OOV"),
         ([0, -1, 1], r"Feature 'f0' \(table 't0'\) has negative id -1"),
     ],
 )
@@ -84,9 +84,30 @@ def test_ids_outside_the_table_are_errors(values: list[int], message: str) -> No
         emb(kjt)
 
 
-def test_validation_can_be_turned_off_for_speed() -> None:
-    emb = build_embedding("full", make_tables((7,), dim=2), validate_ids=False)
-    assert not emb.validate_ids
+def test_validation_can_be_turned_off_for_speed(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked, unchecked = (build_embedding("full", make_tables((7,), dim=2), validate_ids=v) for v in (True, False))
+    unchecked.load_state_dict(checked.state_dict())
+    kjt = KeyedJaggedTensor(keys=["f0"], values=torch.tensor([0, 6, 3]), lengths=torch.tensor([2, 1]))
+    calls: list[str] = []
+    for emb in (checked, unchecked):
+        monkeypatch.setattr(emb, "_check_ids", lambda features, emb=emb: calls.append(emb.validate_ids))
+    torch.testing.assert_close(unchecked(kjt).values(), checked(kjt).values())
+    assert calls == [True]  # the range check ran for the validating module only
+
+
+def test_mean_pooling_and_weighted_features_are_refused() -> None:
+    from torchrec.modules.embedding_configs import PoolingType
+
+    tables = make_tables((7,), dim=4)
+    tables[0].pooling = PoolingType.MEAN
+    with pytest.raises(ValueError, match="MEAN pooling.*SUM only"):
+        build_embedding("full", tables)
+    emb = build_embedding("full", make_tables((7,), dim=4))
+    weighted = KeyedJaggedTensor(
+        keys=["f0"], values=torch.tensor([1, 2]), lengths=torch.tensor([2]), weights=torch.tensor([0.5, 2.0])
+    )
+    with pytest.raises(ValueError, match="per-id weights"):
+        emb(weighted)
 
 
 def test_missing_feature_key_is_an_error() -> None:

@@ -78,10 +78,14 @@ def test_every_model_trains_over_every_method(method: str, model_name: str) -> N
     assert set(own_parameters(model)) <= set(grads), "every dense parameter gets a gradient"
     assert any(n.startswith("embedding.") for n in grads), "the embedding gets a gradient"
 
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(30):  # the model can fit one fixed batch: the loss must fall, not merely change
+        optimizer.step()
+        optimizer.zero_grad()
+        F.binary_cross_entropy_with_logits(model(dense, kjt), labels).backward()
     with torch.no_grad():
         after = F.binary_cross_entropy_with_logits(model(dense, kjt), labels)
-    assert torch.isfinite(after) and not torch.isclose(after, loss.detach(), rtol=1e-6, atol=0)
+    assert torch.isfinite(after) and after < 0.8 * loss.detach()
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))

@@ -75,3 +75,24 @@ def test_bad_tables_are_rejected() -> None:
         build_embedding("full", tables)
     with pytest.raises(ValueError, match="No tables"):
         build_embedding("full", [])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rows": "5k"}, r"option rows='5k' \(str\) must be int"),
+        ({"rows": 10, "shared": "maybe"}, r"option shared='maybe' \(str\) must be bool"),
+        ({"rows": True}, r"option rows=True \(bool\) must be int"),
+        ({"rows": 10, "hash": "md5"}, r"option hash='md5' \(str\) must be one of 'splitmix64', 'identity'"),
+        ({}, r"Method 'hash' needs rows= or a budget"),
+    ],
+)
+def test_option_types_and_required_knobs_are_checked(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_embedding("hash", make_tables(), **options)
+
+
+def test_sequence_options_are_checked_element_by_element() -> None:
+    assert build_embedding("qr", make_tables(), collisions=[2, 3, 4]).bases == [2, 3, 4]
+    with pytest.raises(ValueError, match=r"collisions=\[2, 'a', 4\] \(list\) must be int or a sequence of int"):
+        build_embedding("qr", make_tables(), collisions=[2, "a", 4])

@@ -761,7 +761,10 @@ def test_big_ids_on_small_unhashed_tables_are_a_clear_error(name: str) -> None:
     """Tables small enough to stay full are not hashed, so their ids keep the range check."""
     emb = build_embedding(name, make_tables((7, 3000), dim=8), rows=100)
     kjt = one_id_per_bag({"f0": torch.tensor([3, 2**31 + 5]), "f1": torch.tensor([2**40, 11])})
-    with pytest.raises(ValueError, match=r"Feature 'f0' \(table 't0'\) has id 2147483653 outside \[0, 7\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Feature 'f0' has id 2147483653, but it was declared with 7 ids.*keeps this one's table unhashed",
+    ):
         emb(kjt)
 
 
@@ -912,3 +915,25 @@ def test_qr_remap_equals_the_formula_on_uniform_and_ragged_batches(
         assert torch.equal(remapped.values(), expected.values())
         assert torch.equal(remapped.lengths(), expected.lengths())
         assert remapped.keys() == expected.keys() and remapped.stride() == expected.stride()
+
+
+# ---- degenerate settings equal a full table -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["hash", "multi_hash", "adapt"])
+@pytest.mark.parametrize("layout", ["one_id_per_bag", "ragged"])
+def test_rows_at_or_above_every_cardinality_equal_full(name: str, layout: str) -> None:
+    """With ``rows`` >= every table's ids no table is hashed: the method is a full table (both batch layouts)."""
+    tables = make_tables((7, 50, 300), dim=8)
+    options = {"id_counts": zipf_counts(tables)} if name == "adapt" else {}
+    emb = build_embedding(name, tables, rows=300, **options)
+    assert emb.unbounded_features == set()
+    full = build_embedding("full", tables)
+    with torch.no_grad():
+        for t in tables:
+            weight(emb, t.name).copy_(weight(full, t.name))
+    if layout == "ragged":
+        kjt = random_kjt(tables, batch=16, max_len=4, seed=2)
+    else:
+        kjt = one_id_per_bag(
+            {"f0": torch.arange(7).repeat(43)[:300], "f1": torch.arange(300) % 50, "f2": torch.arange(300)}
+        )
+    torch.testing.assert_close(emb(kjt).values(), full(kjt).values())

@@ -81,7 +81,15 @@ def block_from_arrow(table: pa.Table | pa.RecordBatch, schema: CTRSchema, where:
     dense = np.empty((rows, len(schema.dense)), dtype=np.float32)
     for j, name in enumerate(schema.dense):
         dense[:, j] = column(name, np.float32)
-    return ColumnBlock(ids, dense, column(schema.label, np.float32))
+    labels = column(schema.label, np.float32)
+    bad = (labels != 0) & (labels != 1)
+    if bad.any():
+        raise ValueError(
+            f"Column {schema.label!r} in {where or 'the data'} has {int(bad.sum())} labels outside {{0, 1}} (first: "
+            f"{labels[bad][0]:g}); CTR labels are clicks. Binarise them when preparing the data (e.g. rating >= 4 "
+            "-> 1, as the MovieLens script does)."
+        )
+    return ColumnBlock(ids, dense, labels)
 
 
 def batch_from_block(block: ColumnBlock, keys: list[str]) -> Batch:

@@ -80,6 +80,7 @@ class AdaptiveHotCold(EmbeddingMethod):
         self._hot = max(hot)
         hashed = [self._tables[i].num_embeddings > rows for i in self._table_index]
         self._hashed_index = [f for f, h in enumerate(hashed) if h]
+        self.unbounded_features = {f for f, h in zip(self._feature_names, hashed) if h}  # cold ids hash
         first = [starts[i] if h else 0 for i, h in zip(self._table_index, hashed)]
         self.hashed_list, self.first_list = hashed, first
         self.register_buffer("first_key", torch.tensor(first, dtype=torch.int64, device=dev), persistent=False)

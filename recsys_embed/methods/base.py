@@ -42,6 +42,7 @@ from torchrec import (
     KeyedJaggedTensor,
     KeyedTensor,
 )
+from torchrec.modules.embedding_configs import PoolingType
 
 from recsys_embed.methods.storage import PRECISION_DATA_TYPE, SparseOptimizer, TableOptions, TableStorage
 
@@ -112,6 +113,12 @@ def check_tables(tables: Sequence[EmbeddingBagConfig]) -> list[EmbeddingBagConfi
             )
         if not t.feature_names:
             raise ValueError(f"Table {t.name!r} has no feature_names; set feature_names=[...].")
+        if t.pooling != PoolingType.SUM:
+            raise ValueError(
+                f"Table {t.name!r} asks for {t.pooling.name} pooling; recsys_embed methods pool by SUM only (the "
+                "fused and sharded kernels and every combine step assume it). Use PoolingType.SUM, and divide by "
+                "the bag lengths in the model if you need a mean."
+            )
         for f in t.feature_names:
             if f in seen_features:
                 raise ValueError(f"Feature {f!r} is read by two tables; each feature must belong to one table.")
@@ -364,6 +371,11 @@ class EmbeddingMethod(nn.Module):
     # ---- input checks -----------------------------------------------------------------------------------------
     def _keyed(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Check keys (and ids unless disabled); return the KJT in the tables' feature order."""
+        if features.weights_or_none() is not None:
+            raise ValueError(
+                "The KeyedJaggedTensor carries per-id weights, which recsys_embed methods do not apply (they would "
+                "be ignored silently): build the batch without weights=, or scale the pooled embeddings in the model."
+            )
         keys = features.keys()
         if keys != self._feature_names:
             missing = [f for f in self._feature_names if f not in keys]
@@ -394,8 +406,20 @@ class EmbeddingMethod(nn.Module):
                     "Map missing values to a reserved id when preparing the data."
                 )
             if key not in self.unbounded_features and high >= self._cardinality[key]:
-                raise ValueError(
-                    f"Feature {key!r} (table {self._table_of[key]!r}) has id {high} outside "
-                    f"[0, {self._cardinality[key]}); raise num_embeddings in the table config, map rare/unseen ids "
-                    "to an OOV id in the data, or use a hashing method."
-                )
+                raise ValueError(self._out_of_range_message(key, high))
+
+    def _out_of_range_message(self, key: str, high: int) -> str:
+        """What an id past the cardinality means, and what to do, in the user's terms (CLI and Python)."""
+        n = self._cardinality[key]
+        if self.unbounded_features:
+            why = (
+                f"method {self.name!r} hashes other features but keeps this one's table unhashed (it has no more "
+                "ids than the method's rows), so its ids must be in range"
+            )
+        else:
+            why = f"method {self.name!r} has one row (or one row's code) per id, so ids must be in range"
+        return (
+            f"Feature {key!r} has id {high}, but it was declared with {n} ids (0..{n - 1}): {why}. The count comes "
+            "from the data's schema.json (CLI) or the table's num_embeddings (Python): rebuild the data with its "
+            "data script so that unseen and rare ids map to the OOV id, or declare a larger cardinality."
+        )

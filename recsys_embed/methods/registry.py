@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Union
 
 from torchrec import EmbeddingBagConfig
 
@@ -66,10 +68,69 @@ def build_embedding(
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"Method {name!r} has no option(s) {unknown}; its options are {allowed}.")
+    check_option_types(name, options)
     if budget is None:
+        params = inspect.signature(cls.__init__).parameters
+        missing = [p for p in allowed if params[p].default is inspect.Parameter.empty and p not in options]
+        if missing:
+            raise ValueError(
+                f"Method {name!r} needs {'/'.join(missing)}= or a budget: e.g. budget=Budget(ratio=10) "
+                f"(YAML: model.embedding.budget: {{ratio: 10}}) or options {{{missing[0]}: ...}}."
+            )
         return cls(tables, **options)
     both = [knob for knob in cls.budget_knobs if knob in options]
     if both:
         given = "/".join(f"{knob}=" for knob in cls.budget_knobs)
         raise ValueError(f"Method {name!r}: give either {given} or budget=, not both (got {both}).")
     return cls.from_budget(tables, budget, **options)
+
+
+def check_option_types(name: str, options: Mapping[str, object]) -> None:
+    """Each option's value against the constructor's annotation (bool, int, float, str, Literal, None, sequences
+    and unions of those); one clear ``ValueError`` naming the option, the value and the expected type."""
+    hints = typing.get_type_hints(inspect.unwrap(method_class(name).__init__))
+    for option, value in options.items():
+        expected = hints.get(option)
+        if expected is not None and not _matches(value, expected):
+            raise ValueError(
+                f"Method {name!r}: option {option}={value!r} ({type(value).__name__}) must be {_describe(expected)}; "
+                f"see `recsys-embed methods` for {name!r}'s options and their types."
+            )
+
+
+def _matches(value: object, expected: Any) -> bool:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if expected is Any or expected is object:
+        return True
+    if origin is Union or type(expected).__name__ == "UnionType":
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (Sequence, list, tuple, typing.Sequence) or expected in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            return False
+        return not args or all(_matches(v, args[0]) for v in value)
+    if isinstance(origin, type):
+        return isinstance(value, origin)
+    return not isinstance(expected, type) or isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is Union or type(expected).__name__ == "UnionType":
+        return " or ".join(_describe(a) for a in args)
+    if expected is type(None):
+        return "None"
+    if origin is not None and args:
+        return f"a sequence of {_describe(args[0])}"
+    return getattr(expected, "__name__", str(expected))

@@ -58,7 +58,7 @@ class IdLayout:
             self.ids = values.view(len(lengths), lengths[0])
             if subset is not None and len(subset) < len(lengths):
                 self.computed = list(subset)
-                self._subset = torch.tensor(subset, device=values.device)
+                self._subset = torch.tensor(subset, dtype=torch.int64, device=values.device)
                 self.ids = self.ids.index_select(0, self._subset)
         else:
             self.ids = values
