@@ -22,6 +22,7 @@ from recsys_embed.methods import (
     save_method,
 )
 from recsys_embed.methods.fused import fuse_tables
+from recsys_embed.methods.remap import RemapMethod
 from tests.conftest import budget_for, make_tables, method_options, random_kjt
 
 
@@ -304,3 +305,30 @@ def test_every_method_declares_its_tables(name: str) -> None:
     collections = {n for n, m in emb.named_children() if isinstance(m, EmbeddingBagCollection)}
     assert declared and collections <= declared
     assert method_class(name).version >= 1
+
+
+def bags_of_one(ids: dict[str, torch.Tensor]) -> KeyedJaggedTensor:
+    """Bag ``i`` of feature ``f`` holds ``ids[f][i]`` alone; shorter features get empty bags after their ids."""
+    batch = max(v.numel() for v in ids.values())
+    lengths = [(torch.arange(batch) < v.numel()).long() for v in ids.values()]
+    return KeyedJaggedTensor(
+        keys=list(ids), values=torch.cat(list(ids.values())), lengths=torch.cat(lengths), stride=batch
+    )
+
+
+def test_remap_id_map_equals_the_per_id_reference(name: str) -> None:
+    """Every remap method's vectorized id map, on all ids of every table (and big ids where hashed), in both batch
+    layouts (equal ids per feature: the uniform fast path; unequal: the flat one), equals its per-id definition."""
+    emb = build(name)
+    if not isinstance(emb, RemapMethod):
+        pytest.skip(f"{name!r} is not a remap method (it has no id map)")
+    ids = {t.feature_names[0]: torch.arange(t.num_embeddings) for t in make_tables()}
+    for f in emb.unbounded_features:
+        ids[f] = torch.cat([ids[f], torch.tensor([2**31 + 3, 2**40 + 1, 2**62 + 5])])
+    most = max(v.numel() for v in ids.values())
+    uniform = {f: v.repeat(-(-most // v.numel()))[:most] for f, v in ids.items()}
+    for batch in (uniform, ids):
+        rows = emb.physical_rows(bags_of_one(batch))
+        for f, v in batch.items():
+            expected = torch.tensor([emb.reference_rows(f, int(i)) for i in v]).T
+            assert torch.equal(rows[f], expected), f

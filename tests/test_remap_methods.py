@@ -59,26 +59,12 @@ def all_features_kjt(
 
 
 def physical_ids(emb: EmbeddingMethod, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-    """Physical key -> its remapped rows (in the input's id order).
-
-    Methods that fold their ``k`` rows into each bag (``multi_hash``) are split back into keys ``f@c``; this needs
-    one id per bag, which is how these tests call it. Methods that put copy ``c`` in the ``c``-th block of bags
-    (``qr`` ``mult``: the remapped stride is ``k`` times the batch) are split the same way.
-    """
-    physical = emb.remap(kjt)  # type: ignore[attr-defined]
-    if physical.keys() == [UNIFIED_BAGS]:  # unified: key c's ids are the c-th block of B bags of one feature
-        blocks = physical.lengths().view(-1, kjt.stride()).sum(dim=1).tolist()
-        return dict(zip(emb.fan_out.keys, torch.split(physical.values(), blocks)))  # type: ignore[attr-defined]
-    remapped = {k: v.values() for k, v in physical.to_dict().items()}
-    if physical.stride() != kjt.stride():
-        copies = physical.stride() // kjt.stride()
-        return {f"{f}@{c}": rows.view(copies, -1)[c] for f, rows in remapped.items() for c in range(copies)}
-    fold = getattr(emb, "fold", None)
-    if fold is None:
-        return remapped
-    return {
-        f"{f}@{c}": remapped[f].view(-1, k)[:, c] for f, k in zip(fold.features, fold.copies.tolist()) for c in range(k)
-    }
+    """Physical key -> its remapped rows (in the input's id order): ``f@c`` for copy ``c`` of feature ``f`` when some
+    feature has several copies, else ``f``."""
+    rows = emb.physical_rows(kjt)  # type: ignore[attr-defined]
+    if max(r.shape[0] for r in rows.values()) == 1:
+        return {f: r[0] for f, r in rows.items()}
+    return {f"{f}@{c}": r[c] for f, r in rows.items() for c in range(r.shape[0])}
 
 
 def weight(emb: EmbeddingMethod, table_name: str) -> torch.Tensor:
@@ -310,7 +296,7 @@ def test_qr_option_errors() -> None:
         build_embedding("qr", make_tables((100,), dim=4), operation="concat")
     with pytest.raises(ValueError, match="partitions >= 2"):
         build_embedding("qr", make_tables((100,), dim=8), partitions=1)
-    with pytest.raises(ValueError, match="unknown operation 'max'"):
+    with pytest.raises(ValueError, match=r"operation='max' \(str\) must be one of 'mult', 'add', 'concat'"):
         build_embedding("qr", make_tables((100,), dim=8), operation="max")
     with pytest.raises(ValueError, match="collisions must be >= 1"):
         build_embedding("qr", make_tables((100,), dim=8), collisions=0)
@@ -380,7 +366,7 @@ def test_multi_hash_seeds_are_independent(million_rows: torch.Tensor) -> None:
 def test_multi_hash_small_tables_stay_full_and_unhashed() -> None:
     tables = make_tables((7, 50, 3000), dim=4)
     emb = build_embedding("multi_hash", tables, rows=100, num_hashes=3)
-    assert emb.fold.copies.tolist() == [1, 1, 3]
+    assert emb.executor.copies == [1, 1, 3]
     assert [t.num_embeddings for t in emb.tables.embedding_bag_configs()] == [7, 50, 100]
     kjt = one_id_per_bag({"f0": torch.arange(7), "f1": torch.arange(50), "f2": torch.arange(3000)})
     rows = physical_ids(emb, kjt)
@@ -433,10 +419,10 @@ def test_unified_multi_probe_and_mixed_dims_share_one_table() -> None:
     assert len(physical) == 1
     assert (physical[0].num_embeddings, physical[0].embedding_dim) == (500, 8)
     assert physical[0].feature_names == [UNIFIED_BAGS]  # one feature reads it: fbgemm's fast backward
-    assert uni.fan_out.keys == ["f0@0", "f0@1", "f1@0", "f1@1"]  # as blocks of bags of that feature
+    assert uni.executor.rewrite.keys == ["f0@0", "f0@1", "f1@0", "f1@1"]  # as blocks of bags of that feature
     ids = {"f0": torch.arange(50), "f1": torch.arange(3000)}
     rows = physical_ids(uni, one_id_per_bag(ids))
-    assert rows["f0@1"].numel() == 0  # f0 has one chunk: its second slot is muted
+    assert "f0@1" not in rows  # f0 has one chunk: its second slot is muted
     assert (rows["f1@0"] == rows["f1@1"]).double().mean().item() < 0.01  # ~1/500: the chunks probe different rows
     out = uni(one_id_per_bag(ids))
     assert out.length_per_key() == [8, 16]
@@ -495,7 +481,7 @@ def test_unified_chunk_dim_errors() -> None:
         build_embedding("unified", make_tables((10,), dim=12), rows=5, chunk_dim=8)
     with pytest.raises(ValueError, match=r"chunk_dim=3"):  # the default gcd of dims 6 and 9
         build_embedding("unified", [table("a", 10, 6), table("b", 10, 9)], rows=5)
-    with pytest.raises(ValueError, match="unknown hash"):
+    with pytest.raises(ValueError, match=r"hash='md5' \(str\) must be one of 'splitmix64', 'identity'"):
         build_embedding("unified", make_tables((10,), dim=8), rows=5, hash="md5")
 
 
@@ -910,7 +896,7 @@ def test_qr_remap_equals_the_formula_on_uniform_and_ragged_batches(
     lengths[-1] = 2
     ragged = KeyedJaggedTensor(keys=keys, values=torch.cat([values, torch.tensor([4])]), lengths=lengths)
     for kjt in (uniform, ragged):
-        expected = qr.rewrite(kjt, qr_rows_by_formula(qr, kjt))
+        expected = qr.executor(kjt, qr_rows_by_formula(qr, kjt))
         remapped = qr.remap(kjt)
         assert torch.equal(remapped.values(), expected.values())
         assert torch.equal(remapped.lengths(), expected.lengths())

@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
-from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
-from recsys_embed.methods.hash_fn import mix_to_buckets, seed_offset
+from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, check_tables, full_bytes
+from recsys_embed.methods.hash_fn import mix_to_buckets, reference_bucket, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, IdLayout, largest_fitting
+from recsys_embed.methods.remap import IdLayout, RemapMethod, largest_fitting
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def hot_rows(n: int, rows: int, hot_share: float) -> int:
 
 
 @register("adapt")
-class AdaptiveHotCold(EmbeddingMethod):
+class AdaptiveHotCold(RemapMethod):
     """Top ``hot_share * rows`` ids by frequency get own rows; the others hash into the remaining rows."""
 
     budget_knobs = ("rows",)
@@ -88,7 +88,7 @@ class AdaptiveHotCold(EmbeddingMethod):
         self.register_buffer("feature_table", torch.tensor(self._table_index, device=dev), persistent=False)
         physical = [replace(t, num_embeddings=min(t.num_embeddings, rows)) for t in self._tables]
         self.tables = self.add_tables("tables", physical, device=dev)
-        self.fan_out = FanOut(self._feature_names, [1] * len(self._feature_names))
+        self.declare_remap([1] * len(self._feature_names))
 
     @classmethod
     def from_config(
@@ -116,7 +116,7 @@ class AdaptiveHotCold(EmbeddingMethod):
                 )
         return id_counts
 
-    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    def id_map(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Hot ids -> their own row; cold ids -> ``hot + hash(id) mod cold``; full tables -> the id itself."""
         layout = IdLayout(features, self._hashed_index)
         ids, hot, cold = layout.ids, self._hot, self.rows - self._hot  # every folded table has the same split
@@ -130,10 +130,17 @@ class AdaptiveHotCold(EmbeddingMethod):
             index = position.clamp(max=hot - 1).add_(layout.spread(self.first_key))
             is_hot = self.hot_keys.index_select(0, index.view(-1)).view_as(ids) == ids
             rows = torch.where(is_hot, position, rows)
-        return self.fan_out(features, layout.merge(rows, self.hashed).unsqueeze(0))
+        return layout.merge(rows, self.hashed).unsqueeze(0)
 
-    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.tables(self.remap(features))
+    def reference_rows(self, feature: str, id: int) -> list[int]:
+        f = self._feature_names.index(feature)
+        if not self.hashed_list[f]:
+            return [id]
+        first = self.first_list[f]
+        hot = self.hot_keys[first : first + self._hot].tolist()
+        if id in hot:
+            return [hot.index(id)]
+        return [self._hot + reference_bucket(id, int(self.seeds[self._table_index[f]]), self.rows - self._hot)]
 
     def memory_bytes(self) -> int:
         return self.rows_bytes(self._tables, self.rows, self.hot_share)

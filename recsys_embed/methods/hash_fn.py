@@ -89,6 +89,11 @@ def reference_hash64(value: int, seed: int) -> int:
     return _signed(z ^ (z >> 31))
 
 
+def reference_bucket(value: int, seed: int, buckets: int) -> int:
+    """Pure-Python :func:`hash_to_buckets` of one id: ``(hash64 & (2^63 - 1)) mod buckets``."""
+    return (reference_hash64(value, seed) & _POSITIVE) % buckets
+
+
 HASHES = ("splitmix64", "identity")
 
 

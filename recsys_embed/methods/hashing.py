@@ -26,19 +26,19 @@ from dataclasses import replace
 from typing import Literal
 
 import torch
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
-from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
-from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, seed_offset
+from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, check_tables, full_bytes
+from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, reference_bucket, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, IdLayout, as_one_feature, blocks_side_by_side, keyed, largest_fitting
+from recsys_embed.methods.remap import IdLayout, RemapMethod, largest_fitting
 
 log = logging.getLogger(__name__)
 BAGS = "shared@bags"  # the shared table's one physical feature (fbgemm's fast backward needs one feature per table)
 
 
 @register("hash")
-class HashEmbedding(EmbeddingMethod):
+class HashEmbedding(RemapMethod):
     """Hashing trick: ``min(n, rows)`` rows per table (or one shared table of ``rows`` rows)."""
 
     budget_knobs = ("rows",)
@@ -59,6 +59,7 @@ class HashEmbedding(EmbeddingMethod):
             raise ValueError(f"Method 'hash' needs rows >= 1 (got {rows}).")
         check_hash_name("hash", hash)
         self.rows, self.shared, self.hash_name = rows, shared, hash
+        self.declare_remap([1] * len(self._feature_names), shared=BAGS if shared else None)
         if shared:
             dims = {t.embedding_dim for t in self._tables}
             if len(dims) > 1:
@@ -85,11 +86,11 @@ class HashEmbedding(EmbeddingMethod):
         self.register_buffer("buckets", torch.tensor(buckets, dtype=torch.int64, device=dev), persistent=False)
         self.register_buffer("hashed", torch.tensor(hashed, dtype=torch.bool, device=dev), persistent=False)
         self._hashed_index = [f for f, h in enumerate(hashed) if h]
+        self._buckets, self._hashed = buckets, hashed
         self.tables = self.add_tables("tables", physical, device=dev)
-        self.fan_out = FanOut(self._feature_names, [1] * len(self._feature_names))
 
-    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """The KJT with every id replaced by its physical row."""
+    def id_map(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Hashed features: ``hash_t(x) mod rows``; tables kept full: ``x``; identity: ``x mod m``."""
         if self.hash_name == "identity":
             layout = IdLayout(features)
             rows = layout.flat(torch.remainder(layout.ids, layout.spread(self.buckets)))
@@ -97,15 +98,15 @@ class HashEmbedding(EmbeddingMethod):
             layout = IdLayout(features, self._hashed_index)
             offsets = layout.spread(seed_offset(self.seeds[self.feature_table]))
             rows = layout.merge(mix_to_buckets(layout.ids + offsets, self.rows), self.hashed)
-        physical = self.fan_out(features, rows.unsqueeze(0))
-        return as_one_feature(physical, BAGS) if self.shared else physical
+        return rows.unsqueeze(0)
 
-    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        pooled = self.tables(self.remap(features))
-        if not self.shared:
-            return pooled
-        values = blocks_side_by_side(pooled.values(), features.stride())  # feature f = block f of bags
-        return keyed(values, self._feature_names, self._length_per_key)
+    def reference_rows(self, feature: str, id: int) -> list[int]:
+        f = self._feature_names.index(feature)
+        if self.hash_name == "identity":
+            return [id % self._buckets[f]]
+        if not self._hashed[f]:
+            return [id]
+        return [reference_bucket(id, int(self.seeds[self._table_index[f]]), self.rows)]
 
     def memory_bytes(self) -> int:
         return self.rows_bytes(self._tables, self.rows, self.shared)

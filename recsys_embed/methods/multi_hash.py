@@ -23,18 +23,18 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
-from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
-from recsys_embed.methods.hash_fn import mix_to_buckets, seed_offset
+from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, check_tables, full_bytes
+from recsys_embed.methods.hash_fn import mix_to_buckets, reference_bucket, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import BagFold, IdLayout, largest_fitting
+from recsys_embed.methods.remap import IdLayout, RemapMethod, largest_fitting
 
 log = logging.getLogger(__name__)
 
 
 @register("multi_hash")
-class MultiHashEmbedding(EmbeddingMethod):
+class MultiHashEmbedding(RemapMethod):
     """``k`` seeded hashes into ``min(n, rows)`` rows per table, the ``k`` rows summed."""
 
     budget_knobs = ("rows",)
@@ -55,7 +55,7 @@ class MultiHashEmbedding(EmbeddingMethod):
         self.rows, self.num_hashes = rows, num_hashes
         dev = torch.device(device or "cpu")
         hashed = [self._cardinality[f] > rows for f in self._feature_names]
-        self.fold = BagFold(self._feature_names, [num_hashes if h else 1 for h in hashed])
+        self.declare_remap([num_hashes if h else 1 for h in hashed], combine="sum")
         physical = [replace(t, num_embeddings=min(t.num_embeddings, rows)) for t in self._tables]
         self.tables = self.add_tables("tables", physical, device=dev)
         self.unbounded_features = {f for f, h in zip(self._feature_names, hashed) if h}
@@ -70,15 +70,19 @@ class MultiHashEmbedding(EmbeddingMethod):
                     bound = math.sqrt(1.0 / t.num_embeddings) / math.sqrt(num_hashes)
                     self.tables.embedding_bags[table.name].weight.uniform_(-bound, bound)
 
-    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Physical KJT: every bag holds the ``k`` hashed rows of each of its ids (one row for full tables)."""
+    def id_map(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """``(k, ...)``: hash ``c`` of every id (its row in ``min(n, rows)``); full tables keep the id (copy 0)."""
         layout = IdLayout(features, self._hashed_index)
         offsets = layout.spread(seed_offset(self.seeds[self.feature_table].T))  # (k, F): all k hashes in one call
         rows = mix_to_buckets(layout.ids + offsets, self.rows)  # hashed tables fold onto ``rows`` rows
-        return self.fold(features, layout.merge(rows, self.hashed))  # full tables keep the id (copy 0)
+        return layout.merge(rows, self.hashed)
 
-    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.tables(self.remap(features))
+    def reference_rows(self, feature: str, id: int) -> list[int]:
+        f = self._feature_names.index(feature)
+        if feature not in self.unbounded_features:
+            return [id]
+        seeds = self.seeds[self._table_index[f]].tolist()
+        return [reference_bucket(id, seed, self.rows) for seed in seeds]
 
     def memory_bytes(self) -> int:
         return self.rows_bytes(self._tables, self.rows, self.num_hashes)

@@ -34,26 +34,19 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from torch.autograd.function import once_differentiable
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
-from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, check_tables, full_bytes
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import (
-    BagFold,
-    BatchFanOut,
-    FanOut,
-    IdLayout,
-    keyed,
-    largest_fitting,
-    physical_keys,
-)
+from recsys_embed.methods.remap import Combine, IdLayout, RemapMethod, largest_fitting
 
 log = logging.getLogger(__name__)
 Operation = Literal["mult", "add", "concat"]
+#: how each operation combines an id's k partition rows (the executor picks the physical layout from it)
+COMBINE: dict[str, Combine] = {"mult": "product", "add": "sum", "concat": "concat"}
 
 
 def partition_rows(n: int, base: int, k: int) -> int:
@@ -73,33 +66,8 @@ def smallest_base(n: int, k: int, cap: int) -> int | None:
     return None
 
 
-class _PartitionProduct(torch.autograd.Function):
-    """``x[0] * x[1] * ... * x[k - 1]`` over the first dim of ``(k, B, D)`` (left to right, as ``math.prod``).
-
-    The backward writes each partition's gradient (``grad`` times the other partitions) into one ``(k, B, D)``
-    buffer; autograd's own graph (``unbind`` + products) builds ``k`` separate tensors and stacks them. No division,
-    so zeros are safe (unlike ``torch.prod``'s backward).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, parts: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(parts)
-        factors = parts.unbind(0)
-        return math.prod(factors[1:], start=factors[0])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (parts,) = ctx.saved_tensors
-        out = torch.empty_like(parts)
-        for c in range(parts.shape[0]):
-            others = [parts[j] for j in range(parts.shape[0]) if j != c]
-            torch.mul(grad, math.prod(others[1:], start=others[0]), out=out[c])
-        return out
-
-
 @register("qr")
-class QREmbedding(EmbeddingMethod):
+class QREmbedding(RemapMethod):
     """Quotient-remainder / k-way complementary partitions; ``collisions`` is the base ``b`` for every table."""
 
     budget_knobs = ("collisions",)
@@ -131,20 +99,10 @@ class QREmbedding(EmbeddingMethod):
         self.bases, self.partitions, self.operation = bases, partitions, operation
         k = partitions
         width = {t.name: t.embedding_dim // k if operation == "concat" else t.embedding_dim for t in self._tables}
-        # add: the k partition rows of an id share its bag (fbgemm sums them); mult: one block of bags per partition;
-        # concat: one feature per partition (its pooled layout (B, F, k, d / k) is already the output's)
-        self.rewrite: BagFold | BatchFanOut | FanOut
-        if operation == "add":
-            self.rewrite = BagFold(self._feature_names, [k] * len(self._feature_names))
-        elif operation == "mult":
-            self.rewrite = BatchFanOut(self._feature_names, k)
-        else:
-            self.rewrite = FanOut(self._feature_names, [k] * len(self._feature_names))
+        self.declare_remap([k] * len(self._feature_names), combine=COMBINE[operation])
         physical = []
         for t, base in zip(self._tables, bases):
-            names = (
-                physical_keys(t.feature_names, [k] * len(t.feature_names)) if operation == "concat" else t.feature_names
-            )
+            names = self.physical_features(t.feature_names)
             rows = partition_rows(t.num_embeddings, base, k)
             physical.append(replace(t, num_embeddings=rows, embedding_dim=width[t.name], feature_names=names))
         dev = torch.device(device or "cpu")
@@ -173,19 +131,26 @@ class QREmbedding(EmbeddingMethod):
                     scale = 1.0 / math.sqrt(k) if self.operation == "add" else 1.0
                     weight.uniform_(-bound * scale, bound * scale)
 
-    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Physical KJT: partition ``c`` of an id reads row ``c * base + digit_c`` (in bag ``c * B + b`` for
-        ``mult``, feature ``f@c`` for ``concat``, the id's own bag for ``add``)."""
+    def id_map(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Partition ``c`` of an id reads row ``c * base + digit_c`` of the table's stacked partitions."""
         layout = IdLayout(features, self._divided or None)
         if not layout.uniform or len(self._divided) == len(self._feature_names):  # (k, N) or (k, F, L)
-            return self.rewrite(features, self._partition_rows(layout.ids, layout.spread(self.base)))
+            return self._partition_rows(layout.ids, layout.spread(self.base))
         # (F, k, L), feature-major so that the rewrite's reshape is a view; base-1 tables need no division
         stored = self._first_rows.unsqueeze(-1).expand(-1, -1, layout.sizes[0]).clone()
         stored[:, -1] += layout.values.view(len(layout.sizes), -1)
         rows = stored.transpose(0, 1)
         if self._divided:
             rows.index_copy_(1, self._divided_index, self._partition_rows(layout.ids, layout.spread(self.base)))
-        return self.rewrite(features, rows)
+        return rows
+
+    def reference_rows(self, feature: str, id: int) -> list[int]:
+        base = self.bases[self._table_index[self._feature_names.index(feature)]]
+        rows, rest = [], id
+        for c in range(self.partitions - 1):
+            rows.append(c * base + rest % base)
+            rest //= base
+        return [*rows, (self.partitions - 1) * base + rest]
 
     def _partition_rows(self, ids: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """``(k, *ids.shape)``: row ``c * base + digit_c`` of every partition (int64 floor division, exact)."""
@@ -196,14 +161,6 @@ class QREmbedding(EmbeddingMethod):
             rest = quotient
         rows.append((self.partitions - 1) * base + rest)
         return torch.stack(rows)
-
-    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        pooled = self.tables(self.remap(features)).values()
-        if self.operation == "mult":  # (k * B, sum d): partition c of example b in row c * B + b
-            combined = _PartitionProduct.apply(pooled.view(self.partitions, features.stride(), -1))
-        else:  # add: summed by fbgemm's pooling; concat: already side by side
-            combined = pooled
-        return keyed(combined, self._feature_names, self._length_per_key)
 
     def memory_bytes(self) -> int:
         return self.table_bytes(self._tables, self.bases, self.partitions, self.operation)

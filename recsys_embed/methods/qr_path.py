@@ -37,9 +37,9 @@ from torch.autograd.function import once_differentiable
 from torch.nn.functional import embedding_bag
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
-from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.base import FP32_BYTES, Budget, check_tables, full_bytes
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import keyed, largest_fitting, per_value
+from recsys_embed.methods.remap import RemapMethod, keyed, largest_fitting, per_value
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _batch_major(lengths: torch.Tensor, ids: int) -> tuple[torch.Tensor, torch.T
 
 
 @register("qr_path")
-class QRPathEmbedding(EmbeddingMethod):
+class QRPathEmbedding(RemapMethod):
     """``e(x) = W_{x % b} q_{x // b}``: per-remainder dense ``d x d`` maps on quotient rows of a TorchRec table."""
 
     budget_knobs = ("collisions",)
@@ -164,6 +164,7 @@ class QRPathEmbedding(EmbeddingMethod):
         self.bases = bases
         dev = torch.device(device or "cpu")
         physical = [replace(t, num_embeddings=-(-t.num_embeddings // b)) for t, b in zip(self._tables, bases)]
+        self.declare_remap([1] * len(self._feature_names))  # the quotient row; the maps are this method's combine
         self.tables = self.add_tables("tables", physical, device=dev)
         self.maps = nn.ParameterDict(
             {
@@ -205,14 +206,12 @@ class QRPathEmbedding(EmbeddingMethod):
         quotients = torch.div(values, base, rounding_mode="floor")
         return quotients, values - quotients * base + per_value(self.first_map, features)
 
-    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Physical KJT of the quotient table: the same features and bags, ids ``x // b``."""
-        return KeyedJaggedTensor(
-            keys=features.keys(),
-            values=self._digits(features)[0],
-            lengths=features.lengths(),
-            stride=features.stride(),
-        )
+    def id_map(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """``(1, N)``: the quotient row ``x // b`` of every id (its map ``x % b`` is applied after pooling)."""
+        return self._digits(features)[0].unsqueeze(0)
+
+    def reference_rows(self, feature: str, id: int) -> list[int]:
+        return [id // self.bases[self._table_index[self._feature_names.index(feature)]]]
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         batch, lengths, per_key = features.stride(), features.lengths(), features.length_per_key()

@@ -94,7 +94,7 @@ def check_option_types(name: str, options: Mapping[str, object]) -> None:
         if expected is not None and not _matches(value, expected):
             raise ValueError(
                 f"Method {name!r}: option {option}={value!r} ({type(value).__name__}) must be {_describe(expected)}; "
-                f"see `recsys-embed methods` for {name!r}'s options and their types."
+                f"`recsys-embed methods` lists the options of {name!r} with their types."
             )
 
 

@@ -28,27 +28,26 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from recsys_embed.methods.base import (
     FP32_BYTES,
     INT64_BYTES,
     TBE_DIM_MULTIPLE,
     Budget,
-    EmbeddingMethod,
     check_tables,
     full_bytes,
 )
-from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, seed_offset
+from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, reference_bucket, seed_offset
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import FanOut, IdLayout, as_one_feature, blocks_side_by_side, keyed
+from recsys_embed.methods.remap import IdLayout, RemapMethod
 
 log = logging.getLogger(__name__)
 BAGS = "unified@bags"  # the shared table's one physical feature
 
 
 @register("unified")
-class UnifiedEmbedding(EmbeddingMethod):
+class UnifiedEmbedding(RemapMethod):
     """One shared ``rows x chunk_dim`` table; each feature chunk has its own hash into it."""
 
     budget_knobs = ("rows",)
@@ -81,10 +80,8 @@ class UnifiedEmbedding(EmbeddingMethod):
         self.rows, self.chunk_dim, self.hash_name = rows, chunk_dim, hash
         self.chunks = [self._length_per_key[i] // chunk_dim for i in range(len(self._feature_names))]
         self.unbounded_features = set(self._feature_names)
-        self.fan_out = FanOut(self._feature_names, self.chunks)
+        self.declare_remap(self.chunks, combine="concat", shared=BAGS)  # mixed dims: fewer chunks, columns dropped
         dev = torch.device(device or "cpu")
-        columns = self.fan_out.live_columns([chunk_dim] * len(self.chunks))  # mixed dims: drop muted chunks
-        self.register_buffer("columns", columns.to(dev) if columns is not None else None, persistent=False)
         shared = EmbeddingBagConfig(name="unified", num_embeddings=rows, embedding_dim=chunk_dim, feature_names=[BAGS])
         self.tables = self.add_tables("tables", [shared], device=dev)
         most = max(self.chunks)
@@ -100,23 +97,22 @@ class UnifiedEmbedding(EmbeddingMethod):
             bound = math.sqrt(1.0 / max(cards))
             self.tables.embedding_bags["unified"].weight.uniform_(-bound, bound)
 
-    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Physical KJT: chunk ``c`` of feature ``f`` (``f@c``, or ``f`` for one chunk) is a block of ``B`` bags of
-        the shared table's one feature, in ``fan_out.keys`` order."""
+    def id_map(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """``(chunks, N)``: chunk ``c`` of an id reads row ``hash_{t,c}(x) mod rows`` of the shared table."""
         layout = IdLayout(features)
         if self.hash_name == "identity":
             rows = torch.remainder(layout.spread(self.offsets.T) + layout.ids, self.rows)
         else:  # all chunks of all features in one call: (chunks, ids)
             seeds = self.seeds.index_select(0, self.feature_table)  # (F, chunks): each feature its table's
             rows = mix_to_buckets(layout.ids + layout.spread(seed_offset(seeds.T)), self.rows)
-        return as_one_feature(self.fan_out(features, layout.flat(rows)), BAGS)
+        return layout.flat(rows)
 
-    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        pooled = self.tables(self.remap(features)).values()
-        pooled = blocks_side_by_side(pooled, features.stride())  # a feature's chunks are adjacent: concatenated
-        if self.columns is not None:
-            pooled = pooled[:, self.columns]
-        return keyed(pooled, self._feature_names, self._length_per_key)
+    def reference_rows(self, feature: str, id: int) -> list[int]:
+        f = self._feature_names.index(feature)
+        if self.hash_name == "identity":
+            return [(int(self.offsets[f, c]) + id) % self.rows for c in range(self.chunks[f])]
+        seeds = self.seeds[self._table_index[f]].tolist()
+        return [reference_bucket(id, seeds[c], self.rows) for c in range(self.chunks[f])]
 
     def memory_bytes(self) -> int:
         return self.rows_bytes(self.rows, self.chunk_dim, self.seeds.numel())
