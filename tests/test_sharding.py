@@ -1,4 +1,5 @@
-"""Sharded training on TorchRec: 1 vs 2 CPU processes (gloo), checkpoints across world sizes, planner failures.
+"""Sharded training on TorchRec: 1 vs 2 CPU processes (gloo), checkpoints across world sizes, planner failures,
+declared storage (pooled, unpooled, fp16, optimizer overrides) and undeclared collections.
 
 The 2-process runs start ``tests/sharded_worker.py`` once per rank with torchrun's environment variables.
 """
@@ -16,13 +17,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from torchrec import EmbeddingBagCollection, EmbeddingCollection, EmbeddingConfig, JaggedTensor
 
 from recsys_embed.cli import main
 from recsys_embed.data import CTRDataModule
-from recsys_embed.methods import SparseOptimizer, available_methods
+from recsys_embed.methods import SparseOptimizer, available_methods, build_embedding
+from recsys_embed.methods.fused import fuse_tables
 from recsys_embed.training import CTRTask, TorchRecStrategy, shard_model
-from recsys_embed.training.sharding import allowed_sharding_types
-from tests.sharded_worker import METHODS
+from recsys_embed.training.sharding import _in_key_order, allowed_sharding_types
+from tests.conftest import make_tables
+from tests.sharded_worker import METHODS, MIXED_SHARDING, MIXED_STEPS
 from tests.test_cli import TINY as CLI_TINY
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
@@ -162,10 +166,89 @@ def test_cli_fit_on_two_processes_prints_the_plan_and_tests_the_checkpoint(tmp_p
     assert list(tmp_path.glob("runs/synthetic_dlrm/**/checkpoints/last.ckpt"))
 
 
+def test_mixed_storage_shards_pooled_and_unpooled_tables_with_the_unsharded_outputs(runs: dict[int, Path]) -> None:
+    """Sharded (2 ranks) == fused and plain unsharded forms, under each CPU sharding type of unpooled tables."""
+    checks = json.loads((runs[2] / "mixed.forward.json").read_text())
+    assert set(checks) == set(MIXED_SHARDING)
+    for name, check in checks.items():
+        assert check["vs_fused"] < 1e-6, (name, check)  # the same fbgemm kernels
+        assert check["vs_plain"] < 1e-4, (name, check)  # the plain fp16 EmbeddingBag rounds its sums to fp16
+        assert check["seq_keys"] and check["seq_lengths"] and check["seq_rows"] == 0, (name, check)
+        plan = check["plan"]
+        unpooled = {t: kind for t, kind in plan.items() if t.startswith("emb.seq.")}
+        pooled = {t: kind for t, kind in plan.items() if not t.startswith("emb.seq.")}
+        assert len(unpooled) == 2 and len(pooled) == 3, plan
+        expected_pooled = "table_column_wise" if name == "row_wise" else name
+        assert set(unpooled.values()) == {name} and set(pooled.values()) == {expected_pooled}, plan
+
+
+def test_mixed_storage_trains_alike_on_one_and_two_processes(runs: dict[int, Path]) -> None:
+    one = json.loads((runs[1] / "mixed.losses.json").read_text())
+    two = json.loads((runs[2] / "mixed.losses.json").read_text())
+    assert len(one) == len(two) == MIXED_STEPS and one[0] != one[-1]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-6)
+    state_one, state_two = (torch.load(runs[w] / "mixed.state.pt") for w in (1, 2))
+    assert set(state_one["weights"]) == set(state_two["weights"])
+    assert state_two["weights"]["emb.low.embedding_bags.t4.weight"].dtype == torch.float16  # declared fp16
+    assert state_two["weights"]["emb.seq.embeddings.t2.weight"].dtype == torch.float32
+    for key, value in state_one["weights"].items():
+        torch.testing.assert_close(state_two["weights"][key], value, rtol=1e-4, atol=1e-6)
+    opt_one, opt_two = state_one["optimizer"], state_two["optimizer"]
+    assert set(opt_one) == set(opt_two) == {"emb.bags", "emb.seq", "emb.low"}
+    assert opt_two["emb.seq"]["t2.0"].shape == (3000, 8)  # its own optimizer: element-wise Adagrad
+    assert opt_two["emb.bags"]["t1.0"].shape == (50,)  # the run's: row-wise Adagrad
+    for path, states in opt_one.items():
+        assert set(states) == set(opt_two[path])
+        for key, value in states.items():
+            assert value.abs().sum() > 0, (path, key)
+            torch.testing.assert_close(opt_two[path][key], value, rtol=1e-4, atol=1e-7)
+
+
+def test_mixed_storage_state_saved_on_one_process_loads_into_two(runs: dict[int, Path]) -> None:
+    loaded = torch.load(runs[2] / "mixed.loaded.pt")
+    torch.testing.assert_close(loaded["preds"], torch.load(runs[1] / "mixed.preds.pt"), rtol=0, atol=1e-6)
+    saved = torch.load(runs[1] / "mixed.state.pt")["optimizer"]
+    for path, states in saved.items():
+        for key, value in states.items():
+            torch.testing.assert_close(loaded["optimizer"][path][key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["pooled", "unpooled"])
+def test_an_undeclared_torchrec_collection_is_a_clear_error(kind: str) -> None:
+    tables = make_tables((7, 50))
+    if kind == "pooled":
+        extra: torch.nn.Module = EmbeddingBagCollection(tables=make_tables((9,)), device=torch.device("cpu"))
+    else:
+        config = EmbeddingConfig(name="s", num_embeddings=9, embedding_dim=8, feature_names=["s"])
+        extra = EmbeddingCollection(tables=[config], device=torch.device("cpu"))
+    model = torch.nn.ModuleDict({"method": build_embedding("full", tables), "extra": extra})
+    name = type(extra).__name__
+    with pytest.raises(ValueError, match=rf"'extra' \({name}\) are not declared by any embedding method.*add_tables"):
+        shard_model(model, SparseOptimizer(), device=torch.device("cpu"))
+
+
+def test_sharding_already_fused_tables_is_a_clear_error() -> None:
+    model = torch.nn.ModuleDict({"m": build_embedding("full", make_tables((7, 50)))})
+    fuse_tables(model, SparseOptimizer())
+    with pytest.raises(ValueError, match=r"'m.tables' of method 'full' are a FusedTables.*already fused"):
+        shard_model(model, SparseOptimizer(), device=torch.device("cpu"))
+
+
+def test_a_sharded_unpooled_collection_gives_its_keys_in_the_unsharded_order() -> None:
+    rows = {k: JaggedTensor(values=torch.ones(1, 4), lengths=torch.tensor([1])) for k in ("b", "c", "a")}
+    assert list(_in_key_order(torch.nn.Identity(), (), rows, keys=["a", "b", "c"])) == ["a", "b", "c"]
+
+
 def test_unknown_sharding_types_are_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"row_wise.*not available on cpu.*row-wise needs CUDA"):
+    with pytest.raises(ValueError, match=r"row_wise.*not available on cpu for pooled tables.*row-wise needs CUDA"):
         allowed_sharding_types("cpu", ["row_wise"])
     assert "row_wise" in allowed_sharding_types("cuda")
+    assert allowed_sharding_types("cpu", ["row_wise", "table_column_wise"], pooled=False) == ["row_wise"]
+    assert allowed_sharding_types("cpu", pooled=False) == ["table_wise", "column_wise", "row_wise"]
+    with pytest.raises(ValueError, match=r"not available on cpu for unpooled tables"):
+        allowed_sharding_types("cpu", ["table_column_wise"], pooled=False)
+    with pytest.raises(ValueError, match=r"data-parallel is not offered"):
+        allowed_sharding_types("cpu", ["data_parallel"], pooled=None)
     with pytest.raises(ValueError, match="memory_cap_bytes must be positive"):
         TorchRecStrategy(memory_cap_bytes=0)
 

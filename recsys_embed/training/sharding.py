@@ -1,10 +1,25 @@
 """Sharded embedding tables on TorchRec: plan, wrap in ``DistributedModelParallel``, move weights in and out.
 
-Every compression method holds plain TorchRec ``EmbeddingBagCollection``s as children, so TorchRec's planner and
-``DistributedModelParallel`` (DMP) shard their physical tables exactly like full tables: the method's remap runs
-locally on each rank before TorchRec's input distribution, the tables become fbgemm kernels with the sparse
-optimizer fused in backward, and everything else (MLPs, projections, small dense maps) is replicated and trained
-data-parallel through DDP.
+Sharding acts on the methods' storage declarations (:meth:`~recsys_embed.methods.base.EmbeddingMethod.storage`),
+not on module types: every declared pooled group (a plain TorchRec ``EmbeddingBagCollection``) and unpooled group
+(a plain ``EmbeddingCollection``) is planned by TorchRec's planner and wrapped by ``DistributedModelParallel``
+(DMP), each with its own fused optimizer (the run's, or the declaration's override), weights precision (fp32 or
+fp16, from the table configs' ``data_type``) and stochastic rounding. The method's remap runs locally on each rank
+before TorchRec's input distribution; everything else (MLPs, projections, small dense maps) is replicated and
+trained data-parallel through DDP. Method-owned declarations are never sharded. A TorchRec collection that no
+method declares is an error (it would otherwise stay unsharded and unfused, with dense gradients on every rank).
+
+Sharding types (TorchRec 1.8, checked with 2 gloo processes, forward and fused update equal to one process):
+
+- pooled tables: table-wise, column-wise, table-column-wise on CPU; plus row-wise and table-row-wise on CUDA;
+- unpooled tables: table-wise, column-wise and row-wise, on CPU too (TorchRec's ``EmbeddingCollectionSharder``
+  has no table-column-wise or table-row-wise);
+- data-parallel is not offered for either: it would bypass the fused sparse optimizer (and fails for unpooled
+  tables on CPU).
+
+A requested list of types applies to each kind where it can (``["row_wise", "table_column_wise"]`` on CPU shards
+unpooled tables row-wise and pooled ones table-column-wise); a kind with declared tables and no allowed type left
+is a clear error.
 
 Checkpoints are written consolidated: :func:`consolidated_state_dict` gathers each sharded table to rank 0 as one
 plain tensor, so a checkpoint has the same keys and shapes as an unsharded model's and loads on any number of
@@ -26,69 +41,188 @@ import re
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec import EmbeddingBagCollection, KeyedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingCollection, JaggedTensor, KeyedTensor
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.distributed.types import Awaitable, ShardingEnv, ShardingPlan, ShardingType
 
-from recsys_embed.methods.base import FP32_BYTES
-from recsys_embed.methods.fused import check_fusable, fbgemm_fused_params
-from recsys_embed.methods.storage import SparseOptimizer
+from recsys_embed.methods.base import EmbeddingMethod
+from recsys_embed.methods.fused import FusedTables, check_fusable, fbgemm_fused_params
+from recsys_embed.methods.storage import PRECISION_BYTES, SparseOptimizer, TableStorage
 
 log = logging.getLogger(__name__)
 # TorchRec 1.8's sharded tables are ShardedTensors, which torch flags as deprecated on every access.
 warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
 
 # Data-parallel tables would get dense gradients and the dense optimizer instead of the fused sparse one, so they
-# are not offered; row-wise sharding needs CUDA in TorchRec.
+# are not offered; row-wise sharding of pooled tables needs CUDA in TorchRec.
 CPU_SHARDING_TYPES = (
     ShardingType.TABLE_WISE.value,
     ShardingType.COLUMN_WISE.value,
     ShardingType.TABLE_COLUMN_WISE.value,
 )
 CUDA_SHARDING_TYPES = (*CPU_SHARDING_TYPES, ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
+# Unpooled tables (TorchRec's EmbeddingCollectionSharder): the same three on CPU and CUDA.
+UNPOOLED_SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.ROW_WISE.value)
+_COLLECTION_TYPES = (EmbeddingBagCollection, EmbeddingCollection)
 
 
 class ShardingPlanError(RuntimeError):
     """TorchRec's planner found no plan (raised on every rank, with each failing rank's message)."""
 
 
-def allowed_sharding_types(device_type: str, requested: Sequence[str] | None = None) -> list[str]:
-    """The sharding types the planner may use on ``device_type``; ``requested`` must be a subset of them."""
-    allowed = list(CUDA_SHARDING_TYPES if device_type == "cuda" else CPU_SHARDING_TYPES)
+def _kind(pooled: bool) -> str:
+    return "pooled" if pooled else "unpooled"
+
+
+def allowed_sharding_types(
+    device_type: str, requested: Sequence[str] | None = None, *, pooled: bool | None = True
+) -> list[str]:
+    """The sharding types the planner may use on ``device_type`` for pooled (``pooled=True``) or unpooled tables
+    (``False``), or for either (``None``); ``requested`` keeps those of them it names, and must name at least one."""
+    by_kind = {
+        True: list(CUDA_SHARDING_TYPES if device_type == "cuda" else CPU_SHARDING_TYPES),
+        False: list(UNPOOLED_SHARDING_TYPES),
+    }
+    allowed = by_kind[pooled] if pooled is not None else [*dict.fromkeys(by_kind[True] + by_kind[False])]
     if requested is None:
         return allowed
-    unknown = [t for t in requested if t not in allowed]
-    if unknown or not requested:
+    chosen = [t for t in requested if t in allowed]
+    if not chosen:
+        what = "" if pooled is None else f" for {_kind(pooled)} tables"
         raise ValueError(
-            f"Sharding types {list(requested)} are not available on {device_type}: choose from {allowed} "
-            "(row-wise needs CUDA; data-parallel is not offered: it would bypass the fused sparse optimizer)."
+            f"Sharding types {list(requested)} are not available on {device_type}{what}: choose from {allowed} "
+            "(pooled row-wise needs CUDA; unpooled tables shard table-wise, column-wise or row-wise; data-parallel "
+            "is not offered: it would bypass the fused sparse optimizer)."
         )
-    return list(requested)
+    return chosen
 
 
-class TableSharder(EmbeddingBagCollectionSharder):
-    """TorchRec's ``EmbeddingBagCollection`` sharder, with the fused optimizer set and the sharding types limited."""
+@dataclass(frozen=True)
+class DeclaredCollection:
+    """A declared TorchRec collection found below the module being sharded: where it is and how it trains."""
 
-    def __init__(self, optimizer: SparseOptimizer, sharding_types: Sequence[str] | None = None) -> None:
-        super().__init__(fused_params=fbgemm_fused_params(optimizer))
-        self._requested = None if sharding_types is None else list(sharding_types)
+    path: str  # in the sharded module
+    module: EmbeddingBagCollection | EmbeddingCollection
+    storage: TableStorage
+    optimizer: SparseOptimizer
+
+    def fused_params(self) -> dict[str, object]:
+        """TorchRec's ``fused_params`` for this collection's kernels: optimizer and stochastic rounding (the
+        weights' precision comes from the table configs' ``data_type``)."""
+        return {**fbgemm_fused_params(self.optimizer), "stochastic_rounding": self.storage.options.stochastic_rounding}
+
+    def keys(self) -> list[str]:
+        return [f for table in self.storage.configs for f in table.feature_names]
+
+
+def declared_collections(
+    module: nn.Module, optimizer: SparseOptimizer, device: torch.device
+) -> list[DeclaredCollection]:
+    """The collections that sharding acts on: every non-method-owned declaration of every method below ``module``.
+
+    Checks each against fbgemm's limits (:func:`~recsys_embed.methods.fused.check_fusable`) and raises a
+    ``ValueError`` for a declared child that is not a plain TorchRec collection of its kind (already fused, or a
+    subclass, which TorchRec's sharders do not match) and for a TorchRec collection that no method declares.
+    """
+    paths = {id(m): name for name, m in module.named_modules()}
+    found: list[DeclaredCollection] = []
+    claimed: set[int] = set()  # declared collections, method-owned included (those are the method's business)
+    for method in [m for m in module.modules() if isinstance(m, EmbeddingMethod)]:
+        for storage in method.storage():
+            child = method.get_submodule(storage.path)
+            path = paths[id(child)]
+            claimed.add(id(child))
+            if storage.options.method_owned:
+                log.info("%s (%s) is method-owned: not sharded, updated by the method itself", path, method.name)
+                continue
+            expected = EmbeddingBagCollection if storage.pooled else EmbeddingCollection
+            if type(child) is not expected:
+                hint = (
+                    "it is already fused: shard the plain model (fuse_tables is for one process without sharding)"
+                    if isinstance(child, FusedTables)
+                    else f"TorchRec's sharders match the exact type; hold a plain {expected.__name__} (add_tables does)"
+                )
+                raise ValueError(
+                    f"Declared {_kind(storage.pooled)} tables {path!r} of method {method.name!r} are a "
+                    f"{type(child).__name__}, not a {expected.__name__}: {hint}."
+                )
+            chosen = method.sparse_optimizer_for(storage, optimizer)
+            check_fusable(list(storage.configs), chosen, device, storage.pooled)
+            found.append(DeclaredCollection(path=path, module=child, storage=storage, optimizer=chosen))
+    undeclared = [
+        f"{name!r} ({type(m).__name__})"
+        for name, m in module.named_modules()
+        if isinstance(m, _COLLECTION_TYPES) and id(m) not in claimed
+    ]
+    if undeclared:
+        raise ValueError(
+            f"TorchRec collection(s) {', '.join(undeclared)} are not declared by any embedding method, so sharding "
+            "would leave them unsharded and unfused (dense gradients, a full copy on every rank). Fix: hold the "
+            "tables in a method (build_embedding('full', tables) for plain tables) or declare them with "
+            "EmbeddingMethod.add_tables(...)."
+        )
+    return found
+
+
+class _DeclaredSharderMixin:
+    """Shards only the declared collections (others get no shardable parameters, so the planner skips them), each
+    with its own ``fused_params``, limited to the allowed sharding types."""
+
+    _fused_params: dict[str, Any] | None
+
+    def __init__(
+        self,
+        optimizer: SparseOptimizer,
+        sharding_types: Sequence[str],
+        declared: Sequence[DeclaredCollection] = (),
+    ) -> None:
+        super().__init__(fused_params=fbgemm_fused_params(optimizer))  # type: ignore[call-arg]
+        self._types = list(sharding_types)
+        self._declared = {id(d.module): d.fused_params() for d in declared}
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        return allowed_sharding_types(compute_device_type, self._requested)
+        return list(self._types)
+
+    def shardable_parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        if id(module) not in self._declared:  # not declared, or method-owned: never sharded
+            return {}
+        return super().shardable_parameters(module)  # type: ignore[misc]
+
+    def shard(
+        self, module: nn.Module, params: Any, env: ShardingEnv, device: Any = None, module_fqn: Any = None
+    ) -> Any:
+        """TorchRec's sharding of ``module`` with its declaration's fused parameters."""
+        default = self._fused_params
+        self._fused_params = self._declared.get(id(module), default)
+        try:
+            return super().shard(module, params, env, device, module_fqn)  # type: ignore[misc]
+        finally:
+            self._fused_params = default
+
+
+class TableSharder(_DeclaredSharderMixin, EmbeddingBagCollectionSharder):
+    """TorchRec's ``EmbeddingBagCollection`` sharder for declared pooled tables (per-declaration fused params)."""
+
+
+class SequenceTableSharder(_DeclaredSharderMixin, EmbeddingCollectionSharder):
+    """TorchRec's ``EmbeddingCollection`` sharder for declared unpooled tables (per-declaration fused params)."""
 
 
 def plan_sharding(
     module: nn.Module,
-    sharders: list[TableSharder],
+    sharders: Sequence[EmbeddingBagCollectionSharder | EmbeddingCollectionSharder],
     *,
     device: torch.device,
     memory_cap_bytes: int | None = None,
@@ -110,7 +244,7 @@ def plan_sharding(
     )
     plan, error = None, None
     try:
-        plan = EmbeddingShardingPlanner(topology=topology).plan(module, sharders)
+        plan = EmbeddingShardingPlanner(topology=topology).plan(module, list(sharders))  # type: ignore[arg-type]
     except Exception as exc:  # the planner raises several types; all are reported the same way
         error = re.sub(r" at 0x[0-9a-f]+", "", f"{type(exc).__name__}: {exc}")  # same text on every rank
     errors: list[str | None] = [None] * world
@@ -135,26 +269,28 @@ def local_world_size(world: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
 
-def describe_plan(plan: ShardingPlan) -> tuple[list[str], dict[int, int]]:
-    """One line per table (how it is sharded, on which ranks, shard shapes) and fp32 table bytes per rank."""
+def describe_plan(plan: ShardingPlan, value_bytes: Mapping[str, int] | None = None) -> tuple[list[str], dict[int, int]]:
+    """One line per table (how it is sharded, on which ranks, shard shapes) and table bytes per rank;
+    ``value_bytes`` gives bytes per weight by ``f"{module_path}.{table}"`` (default: fp32)."""
     lines, per_rank = [], defaultdict(int)
     for module_path, module_plan in plan.plan.items():
         for table, sharding in module_plan.items():  # type: ignore[union-attr]
+            per_value = (value_bytes or {}).get(f"{module_path}.{table}", PRECISION_BYTES["fp32"])
             shards = sharding.sharding_spec.shards if sharding.sharding_spec is not None else []
             placed = []
             for shard in shards:
                 rank = shard.placement.rank()
-                per_rank[rank] += math.prod(shard.shard_sizes) * FP32_BYTES
+                per_rank[rank] += math.prod(shard.shard_sizes) * per_value
                 placed.append(f"rank {rank} {'x'.join(map(str, shard.shard_sizes))}")
             lines.append(f"{module_path}.{table}: {sharding.sharding_type} -> {', '.join(placed)}")
     return lines, dict(per_rank)
 
 
-def log_plan(plan: ShardingPlan, world: int) -> None:
-    lines, per_rank = describe_plan(plan)
+def log_plan(plan: ShardingPlan, world: int, value_bytes: Mapping[str, int] | None = None) -> None:
+    lines, per_rank = describe_plan(plan, value_bytes)
     log.info("Sharding plan (%d tables on %d ranks):\n  %s", len(lines), world, "\n  ".join(lines))
     log.info(
-        "Embedding table memory per rank (fp32 rows, optimizer state not counted): %s",
+        "Embedding table memory per rank (weights at their precision, optimizer state not counted): %s",
         ", ".join(f"rank {r}: {per_rank.get(r, 0) / 2**20:.3g} MiB" for r in range(world)),
     )
 
@@ -168,34 +304,57 @@ def shard_model(
     memory_cap_bytes: int | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> DistributedModelParallel:
-    """Shard every ``EmbeddingBagCollection`` below ``module`` over the process group, keeping its current weights.
+    """Shard the declared tables of every method below ``module`` over the process group, keeping their weights.
 
-    The tables train with ``optimizer`` fused in backward; the rest of ``module`` is wrapped in DDP. Needs an
-    initialised process group (``torch.distributed.init_process_group``; Lightning and torchrun set one up).
+    Pooled and unpooled declarations alike; each trains with its own fused optimizer (its override, else
+    ``optimizer``), precision and stochastic rounding; method-owned ones are left to the method. The rest of
+    ``module`` is wrapped in DDP. Needs an initialised process group (``torch.distributed.init_process_group``;
+    Lightning and torchrun set one up). A TorchRec collection that no method declares is a ``ValueError``.
     """
+    declared = declared_collections(module, optimizer, device)
+    types = {
+        pooled: allowed_sharding_types(device.type, sharding_types, pooled=pooled)
+        for pooled in sorted({d.storage.pooled for d in declared})
+    }
     if not dist.is_initialized():
         raise RuntimeError(
             "shard_model needs torch.distributed: call torch.distributed.init_process_group first (torchrun or the "
             "Lightning 'torchrec' strategy do it)."
         )
     group = group or dist.group.WORLD
-    collections = {name: m for name, m in module.named_modules() if type(m) is EmbeddingBagCollection}
-    for collection in collections.values():
-        check_fusable(collection.embedding_bag_configs(), optimizer, device)
     weights = module.state_dict()  # the unsharded weights, copied into the shards below
-    sharders = [TableSharder(optimizer, sharding_types)]
+    sharder_class = {True: TableSharder, False: SequenceTableSharder}
+    sharders = [
+        sharder_class[pooled](optimizer, kinds, [d for d in declared if d.storage.pooled == pooled])
+        for pooled, kinds in types.items()
+    ]
     plan = plan_sharding(module, sharders, device=device, memory_cap_bytes=memory_cap_bytes, group=group)
     world = dist.get_world_size(group)
     sharded = DistributedModelParallel(
         module, env=ShardingEnv.from_process_group(group), device=device, plan=plan, sharders=sharders
     )
     load_sharded_state(sharded, weights)
-    for name, collection in collections.items():
-        keys = [f for table in collection.embedding_bag_configs() for f in table.feature_names]
-        sharded.module.get_submodule(name).register_forward_hook(partial(_in_feature_order, keys=keys))
+    for collection in declared:
+        hook = _in_feature_order if collection.storage.pooled else _in_key_order
+        sharded.module.get_submodule(collection.path).register_forward_hook(partial(hook, keys=collection.keys()))
     if dist.get_rank(group) == 0:
-        log_plan(plan, world)
-        log.info("Sharded %d collection(s) over %d rank(s), sparse optimizer %s", len(collections), world, optimizer)
+        value_bytes = {
+            f"{d.path}.{t.name}": PRECISION_BYTES[d.storage.options.precision]
+            for d in declared
+            for t in d.storage.configs
+        }
+        log_plan(plan, world, value_bytes)
+        for d in declared:
+            log.info(
+                "Sharded %s (%s, %d tables, %s, stochastic rounding %s): sparse optimizer %s",
+                d.path,
+                _kind(d.storage.pooled),
+                len(d.storage.configs),
+                d.storage.options.precision,
+                d.storage.options.stochastic_rounding,
+                d.optimizer,
+            )
+        log.info("Sharded %d collection(s) over %d rank(s)", len(declared), world)
     return sharded
 
 
@@ -207,6 +366,15 @@ def _in_feature_order(module: nn.Module, inputs: object, pooled: KeyedTensor, *,
     by_key = pooled.to_dict()
     values = torch.cat([by_key[k] for k in keys], dim=1)
     return KeyedTensor(keys=keys, length_per_key=[by_key[k].shape[1] for k in keys], values=values)
+
+
+def _in_key_order(
+    module: nn.Module, inputs: object, result: dict[str, JaggedTensor] | Awaitable[Any], *, keys: list[str]
+) -> dict[str, JaggedTensor]:
+    """A sharded ``EmbeddingCollection`` returns an awaitable dict with its keys grouped by rank; give back the
+    plain dict in the unsharded key order (as the unsharded collection returns it)."""
+    rows = result.wait() if isinstance(result, Awaitable) else result
+    return {k: rows[k] for k in keys}
 
 
 def load_sharded_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -256,13 +424,20 @@ def _shard_index(offsets: Sequence[int], sizes: Sequence[int]) -> tuple[slice, .
     return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
 
 
+#: a sharded table's parameter key: ``{collection path}.embedding_bags.{table}.weight`` (pooled) or
+#: ``{collection path}.embeddings.{table}.weight`` (unpooled)
+_TABLE_WEIGHT = re.compile(r"(?P<path>.+)\.(?:embedding_bags|embeddings)\.(?P<table>[^.]+)\.weight")
+
+
 def _optimizer_states(module: DistributedModelParallel) -> list[tuple[str, str, ShardedTensor]]:
     """``(collection path, key, sharded state)`` of this rank's fused tables; ``key`` is ``f"{table}.{i}"``, the
     ``i``-th state of the table by name, as in :meth:`FusedTables.optimizer_state`."""
     states = []
     for param_key, named in module.fused_optimizer.state_dict()["state"].items():
-        path, table = param_key.rsplit(".embedding_bags.", 1)
-        table = table.removesuffix(".weight")
+        found = _TABLE_WEIGHT.fullmatch(param_key)
+        if found is None:
+            raise ValueError(f"Unexpected fused parameter {param_key!r}: not a TorchRec collection's table weight.")
+        path, table = found.group("path"), found.group("table")
         states.extend((path, f"{table}.{i}", named[name]) for i, name in enumerate(sorted(named)))
     return states
 

@@ -5,8 +5,10 @@ Lightning's ``ddp`` wraps the whole LightningModule in DDP, which breaks on shar
 This strategy keeps DDP's process handling (launching, process group: gloo on CPU, NCCL on CUDA, ``torchrun``
 and multi-node environments) and replaces the model wrapping:
 
-* ``module.net`` is planned by TorchRec's planner and wrapped in ``DistributedModelParallel`` (tables sharded with
-  the module's ``sparse_optimizer`` fused in, dense layers data-parallel), in every stage (fit/validate/test);
+* ``module.net`` is planned by TorchRec's planner and wrapped in ``DistributedModelParallel``, in every stage
+  (fit/validate/test): the methods' declared tables (pooled and unpooled) are sharded, each with its declared
+  precision and its optimizer (its override, else the module's ``sparse_optimizer``) fused in; dense layers are
+  data-parallel (see :func:`~recsys_embed.training.sharding.shard_model`);
 * the data module slices each global batch per rank (see ``ParquetBatches``), so every rank gets its own rows and
   the same number of batches;
 * checkpoints are consolidated on rank 0 with the unsharded model's keys, so they load on any number of ranks
@@ -50,8 +52,10 @@ class TorchRecStrategy(DDPStrategy):
     """Shards ``module.net``'s embedding tables with TorchRec; replicates the rest with DDP.
 
     Args:
-        sharding_types: the sharding types TorchRec's planner may choose from (default: ``table_wise``,
-            ``column_wise``, ``table_column_wise``, plus ``row_wise``/``table_row_wise`` on CUDA).
+        sharding_types: the sharding types TorchRec's planner may choose from, each applied to the tables it can
+            shard (default, pooled tables: ``table_wise``, ``column_wise``, ``table_column_wise``, plus
+            ``row_wise``/``table_row_wise`` on CUDA; unpooled tables: ``table_wise``, ``column_wise``,
+            ``row_wise``).
         memory_cap_bytes: table storage per rank the planner may use (host memory on CPU, HBM on CUDA); default:
             the planner's own topology defaults. A plan that does not fit fails on every rank with its message.
         process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy`` (default backend: gloo on
@@ -85,7 +89,7 @@ class TorchRecStrategy(DDPStrategy):
                 "lacks them. Use recsys_embed's CTRTask, or give your LightningModule both attributes."
             )
         if not isinstance(net, DistributedModelParallel):  # a second stage (e.g. test after fit) reuses the shards
-            allowed_sharding_types(self.root_device.type, self.sharding_types)  # a clear error before planning
+            allowed_sharding_types(self.root_device.type, self.sharding_types, pooled=None)  # fail early
             module.net = shard_model(
                 net,
                 optimizer,
