@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
+from torchrec import EmbeddingBagConfig
 
 from recsys_embed.methods import Budget, EmbeddingMethod, available_methods, build_embedding, method_class
 from recsys_embed.methods.registry import register
@@ -98,3 +103,40 @@ def test_sequence_options_are_checked_element_by_element() -> None:
     assert build_embedding("qr", make_tables(), collisions=[2, 3, 4]).bases == [2, 3, 4]
     with pytest.raises(ValueError, match=r"collisions=\[2, 'a', 4\] \(list\) must be int or a sequence of int"):
         build_embedding("qr", make_tables(), collisions=[2, "a", 4])
+
+
+def with_default(cls: type[EmbeddingMethod], option: str, value: object) -> type[EmbeddingMethod]:
+    """A subclass of ``cls`` that differs only in the default of ``option`` (its signature says so too)."""
+
+    def __init__(self: EmbeddingMethod, tables: Sequence[EmbeddingBagConfig], **options: Any) -> None:
+        cls.__init__(self, tables, **{option: value, **options})
+
+    signature = inspect.signature(cls.__init__)
+    params = [p.replace(default=value) if p.name == option else p for p in signature.parameters.values()]
+    __init__.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return type(f"{cls.__name__}_{option}", (cls,), {"__init__": __init__})
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "value"),
+    [
+        ("qr", "partitions", 3),
+        ("qr", "operation", "add"),
+        ("hash", "shared", True),
+        ("multi_hash", "num_hashes", 8),  # seeds: 8 bytes per hash and table
+        ("adapt", "hot_share", 0.2),
+        ("unified", "chunk_dim", 4),
+    ],
+)
+def test_budget_solvers_read_defaults_from_the_constructor(name: str, option: str, value: object) -> None:
+    """Changing nothing but a constructor default changes what the budget solver plans for (no restated default)."""
+    cls = method_class(name)
+    changed = with_default(cls, option, value)
+    assert cls.option_defaults()[option] != value and changed.option_defaults()[option] == value
+    tables, budget = make_tables(), Budget(ratio=4)
+    extra = method_options(name, tables)
+    solved = changed.from_budget(tables, budget, **extra)
+    assert solved.memory_bytes() <= budget.max_bytes(tables)
+    expected = cls.from_budget(tables, budget, **extra, **{option: value})
+    assert solved.config() == expected.config()
+    assert solved.config() != cls.from_budget(tables, budget, **extra).config()

@@ -8,18 +8,24 @@ ids >= 2^31.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
+from recsys_embed.data import SyntheticConfig
 from recsys_embed.methods import Budget, EmbeddingMethod, SparseOptimizer, build_embedding, fuse_tables
-from recsys_embed.methods.mde import mde_bytes, mixed_dims
+from recsys_embed.methods.base import full_bytes
+from recsys_embed.methods.mde import MixedDimEmbedding, mde_bytes, mixed_dims, without_wasted_projections
 from recsys_embed.methods.multi_hash import MultiHashEmbedding
 from recsys_embed.methods.qr import QREmbedding, partition_rows
+from recsys_embed.methods.qr_path import QRPathEmbedding, path_bytes
 from recsys_embed.methods.unified import BAGS as UNIFIED_BAGS
 from recsys_embed.methods.unified import UnifiedEmbedding
 from tests.conftest import make_tables, random_kjt, zipf_counts
@@ -253,13 +259,44 @@ def test_qr_concat_budget_counts_narrow_partitions() -> None:
 
 def test_qr_unreachable_budget_names_the_smallest_reachable_bytes() -> None:
     tables = make_tables((100_000,), dim=16)
-    with pytest.raises(ValueError, match=r"at least \d+ bytes") as info:
-        build_embedding("qr", tables, budget=Budget(bytes=1000))
+    with pytest.raises(ValueError, match=r"partitions=2 cannot fit.*at least \d+ bytes") as info:
+        build_embedding("qr", tables, budget=Budget(bytes=1000), partitions=2)
     smallest = smallest_bytes_in(str(info.value))
     assert smallest == min(partition_rows(100_000, b, 2) for b in range(1, 400)) * 16 * 4
-    assert build_embedding("qr", tables, budget=Budget(bytes=smallest)).memory_bytes() == smallest
+    assert "use partitions=3" in str(info.value) or "another method" in str(info.value)
+    fits = build_embedding("qr", tables, budget=Budget(bytes=smallest), partitions=2)
+    assert fits.memory_bytes() == smallest
     with pytest.raises(ValueError, match=f"at least {smallest} bytes"):
-        build_embedding("qr", tables, budget=Budget(bytes=smallest - 1))
+        build_embedding("qr", tables, budget=Budget(bytes=smallest - 1), partitions=2)
+
+
+def test_qr_fixed_partitions_error_suggests_the_partitions_that_fit() -> None:
+    tables = make_tables((100_000,), dim=16)
+    two = min(partition_rows(100_000, b, 2) for b in range(1, 400)) * 16 * 4
+    with pytest.raises(ValueError, match=r"use partitions=3 \(reaches \d+ bytes\) or leave partitions unset"):
+        build_embedding("qr", tables, budget=Budget(bytes=two - 64), partitions=2)
+
+
+def test_qr_without_partitions_takes_more_partitions_below_the_two_partition_ceiling(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tables = make_tables((7, 50, 3000, 100_000), dim=16)
+    two = sum(min(partition_rows(t.num_embeddings, b, 2) for b in range(1, 400)) for t in tables) * 16 * 4
+    assert build_embedding("qr", tables, budget=Budget(bytes=two)).partitions == 2
+    with caplog.at_level("INFO", logger="recsys_embed.methods.qr"):
+        qr = build_embedding("qr", tables, budget=Budget(bytes=two - 1))
+    assert qr.partitions == 3 and qr.memory_bytes() <= two - 1
+    assert "using 3 partitions" in caplog.text
+    # the true ceiling: the fewest bytes over every partition count, named by the error and reachable exactly
+    with pytest.raises(ValueError, match=r"with partitions=\d+\)\. Ask for at least \d+ bytes") as info:
+        build_embedding("qr", tables, budget=Budget(bytes=100))
+    smallest = smallest_bytes_in(str(info.value))
+    best = min(
+        sum(min(partition_rows(t.num_embeddings, b, k) for b in range(1, 400)) for t in tables) * 16 * 4
+        for k in range(2, 20)
+    )
+    assert smallest == best
+    assert build_embedding("qr", tables, budget=Budget(bytes=smallest)).memory_bytes() == smallest
 
 
 @pytest.mark.parametrize("n", [36, 198_476])  # sizes whose fewest rows sit below the k-th root of n
@@ -276,17 +313,87 @@ def test_qr_three_partitions_on_a_tiny_table_names_the_smallest_budget() -> None
     assert build_embedding("qr", tables, budget=Budget(bytes=224), partitions=3).memory_bytes() == 224
 
 
-@pytest.mark.xfail(
-    reason="DOUBTFUL qr.from_budget: the 'smallest form' it names is the uniform row cap's floor, where small "
-    "tables get base 1 (n + 1 rows); explicit per-table collisions reach fewer bytes, so a reachable budget is refused",
-    strict=True,
-)
 def test_qr_named_smallest_budget_is_really_the_smallest() -> None:
     tables = make_tables((7, 50, 3000), dim=8)
     with pytest.raises(ValueError, match=r"at least \d+ bytes") as info:
-        build_embedding("qr", tables, budget=Budget(bytes=10))
+        build_embedding("qr", tables, budget=Budget(bytes=10), partitions=2)
     smaller = build_embedding("qr", tables, collisions=[3, 7, 55])  # each table's own fewest rows
-    assert smallest_bytes_in(str(info.value)) <= smaller.memory_bytes()
+    assert smallest_bytes_in(str(info.value)) == smaller.memory_bytes()
+    assert build_embedding("qr", tables, budget=Budget(bytes=smaller.memory_bytes()), partitions=2).memory_bytes() == (
+        smaller.memory_bytes()
+    )
+
+
+def brute_force_min_max(
+    cards: tuple[int, ...], cost: Callable[[int, int], int], top: int
+) -> dict[int, tuple[int, int]]:
+    """Every choice of per-table bases in ``1..top``: for each max base, the fewest total bytes reached."""
+    best: dict[int, int] = {}
+    for bases in itertools.product(range(1, top + 1), repeat=len(cards)):
+        total = sum(cost(n, b) for n, b in zip(cards, bases))
+        worst = max(bases)
+        best[worst] = min(best.get(worst, total), total)
+    return best
+
+
+def check_against_brute_force(
+    name: str, cards: tuple[int, ...], dim: int, cost: Callable[[int, int], int], options: dict[str, object]
+) -> None:
+    """At every budget (one row apart) from below the brute-force minimum up to the full tables: the solver fits iff
+    some choice of bases fits, its result fits, and its largest base is the smallest any fitting choice has."""
+    tables = make_tables(cards, dim=dim)
+    best = brute_force_min_max(cards, cost, max(cards) + 1)
+    floor = min(best.values())
+    for allowed in range(floor - 3 * dim * 4, full_bytes(tables) + 1, dim * 4):
+        feasible = [worst for worst, total in best.items() if total <= allowed]
+        if not feasible:
+            with pytest.raises(ValueError, match=f"at least {floor} bytes"):
+                build_embedding(name, tables, budget=Budget(bytes=allowed), **options)
+            continue
+        emb = build_embedding(name, tables, budget=Budget(bytes=allowed), **options)
+        assert emb.memory_bytes() <= allowed
+        assert max(emb.bases) == min(feasible), (allowed, emb.bases)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("partitions", [2, 3])
+def test_qr_budget_solver_matches_a_brute_force_search(partitions: int) -> None:
+    def cost(n: int, b: int) -> int:
+        return partition_rows(n, b, partitions) * 4 * 4
+
+    check_against_brute_force("qr", (3, 11, 40), 4, cost, {"partitions": partitions})
+
+
+def test_qr_path_budget_solver_matches_a_brute_force_search() -> None:
+    check_against_brute_force("qr_path", (5, 30, 90), 4, lambda n, b: path_bytes(n, 4, b), {})
+
+
+def test_qr_budget_solver_spends_the_remainder_on_the_most_collided_tables() -> None:
+    """After the min-max base, the bytes left under the budget are too few to lower any table's base further."""
+    tables = make_tables((7, 50, 3000, 40_000), dim=8)
+    for ratio in (3.0, 10.0, 30.0):
+        allowed = Budget(ratio=ratio).max_bytes(tables)
+        qr = build_embedding("qr", tables, budget=Budget(ratio=ratio), partitions=2)
+        left = allowed - qr.memory_bytes()
+        assert left >= 0
+        for t, base in zip(tables, qr.bases):
+            if base > 1:
+                rows = [partition_rows(t.num_embeddings, b, 2) for b in range(1, base + 1)]
+                assert (min(rows[:-1]) - rows[-1]) * 8 * 4 > left, (ratio, t.name, base)
+    # small tables are not left at full rows when the budget is generous for them
+    qr = build_embedding("qr", tables, budget=Budget(ratio=3.0), partitions=2)
+    assert qr.bases[0] == 1 and qr.bases[1] == 1 and qr.bases[3] > 1
+
+
+def test_qr_solvers_are_fast_on_the_default_synthetic_tables() -> None:
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=16, feature_names=[f"f{i}"])
+        for i, n in enumerate(SyntheticConfig().cardinalities())
+    ]
+    start = time.perf_counter()
+    for cls in (QREmbedding, QRPathEmbedding, MixedDimEmbedding):
+        with pytest.raises(ValueError, match="at least"):
+            cls.from_budget(tables, Budget(bytes=1))
+    assert time.perf_counter() - start < 1.0
 
 
 def test_qr_option_errors() -> None:
@@ -639,7 +746,7 @@ def test_mde_budget_solver_finds_the_smallest_alpha_that_fits(ratio: float) -> N
     allowed = budget.max_bytes(tables)
     mde = build_embedding("mde", tables, budget=budget)
     assert mde.alpha > 0 and mde.memory_bytes() <= allowed
-    assert mde_bytes(tables, mixed_dims(tables, mde.alpha - 1e-6)) > allowed
+    assert mde_bytes(tables, without_wasted_projections(tables, mixed_dims(tables, mde.alpha - 1e-6))) > allowed
     out = mde(random_kjt(tables, batch=4))
     assert out.length_per_key() == [16, 16, 16] and out.values().shape == (4, 48)
 
@@ -649,7 +756,46 @@ def test_mde_full_budget_keeps_alpha_zero_and_unreachable_budget_names_the_small
     assert build_embedding("mde", tables, budget=Budget(ratio=1)).alpha == 0.0
     with pytest.raises(ValueError, match=r"at least \d+ bytes") as info:
         build_embedding("mde", tables, budget=Budget(ratio=1000))
-    assert smallest_bytes_in(str(info.value)) == (100 * 16 + 3000 * 4 + 4 * 16) * 4
+    smallest = smallest_bytes_in(str(info.value))
+    assert smallest == ((100 + 16) * 4 + (3000 + 16) * 4) * 4  # the most popular table narrows too
+    assert build_embedding("mde", tables, budget=Budget(bytes=smallest)).memory_bytes() == smallest
+    with pytest.raises(ValueError, match=f"at least {smallest} bytes"):
+        build_embedding("mde", tables, budget=Budget(bytes=smallest - 1))
+
+
+def test_mde_bytes_need_not_fall_as_alpha_grows() -> None:
+    """The issue's example: a dim just below 64 costs more than the full 500-row table (n < d(d - 4) / 4)."""
+    tables = make_tables((10, 500), dim=64)
+    assert mde_bytes(tables, mixed_dims(tables, 0.0)) == 130_560
+    assert mixed_dims(tables, 0.01) == [64, 60] and mde_bytes(tables, mixed_dims(tables, 0.01)) == 137_920
+    assert without_wasted_projections(tables, [64, 60]) == [64, 64]
+    assert build_embedding("mde", tables, budget=Budget(bytes=130_560)).dims == [64, 64]
+    # one byte less: 60 would cost more than full rows, 56 is the widest that fits
+    assert build_embedding("mde", tables, budget=Budget(bytes=130_559)).dims == [64, 56]
+
+
+def test_mde_budget_solver_takes_the_smallest_alpha_where_bisection_did_not() -> None:
+    """Bisection on alpha (which assumed bytes fall as alpha grows) gave [64, 60, 56] here; [64, 64, 60] fits at a
+    smaller alpha."""
+    tables = make_tables((10, 500, 2000), dim=64)
+    mde = build_embedding("mde", tables, budget=Budget(bytes=625_929))
+    assert mde.dims == [64, 64, 60] and mde.memory_bytes() <= 625_929
+
+
+@pytest.mark.parametrize("cards", [(10, 500), (10, 500, 2000), (10, 200, 900, 5000), (3, 40, 7000)])
+def test_mde_every_budget_down_to_the_true_ceiling_is_met_with_the_smallest_alpha(cards: tuple[int, ...]) -> None:
+    tables = make_tables(cards, dim=64)
+    floor = sum(min(n * 64, (n + 64) * 4) for n in cards) * 4
+    grid = np.linspace(0.0, 3.0, 601)
+    family = [mde_bytes(tables, without_wasted_projections(tables, mixed_dims(tables, float(a)))) for a in grid]
+    for allowed in range(floor, full_bytes(tables) + 1, max(997, (full_bytes(tables) - floor) // 150 + 1)):
+        mde = build_embedding("mde", tables, budget=Budget(bytes=allowed))
+        assert mde.memory_bytes() <= allowed
+        assert mde.dims == without_wasted_projections(tables, mde.dims)  # no projection bigger than its savings
+        below = [b for a, b in zip(grid, family) if a < mde.alpha - 1e-6]
+        assert all(b > allowed for b in below), (allowed, mde.alpha, mde.dims)
+    with pytest.raises(ValueError, match=f"at least {floor} bytes"):
+        build_embedding("mde", tables, budget=Budget(bytes=floor - 1))
 
 
 def test_mde_option_errors() -> None:

@@ -156,7 +156,7 @@ class AdaptiveHotCold(RemapMethod):
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> AdaptiveHotCold:
         tables = check_tables(tables)
-        share = float(options.get("hot_share", 0.5))  # type: ignore[arg-type]
+        share = float(cls.with_defaults(options)["hot_share"])
         allowed, smallest = budget.max_bytes(tables), cls.rows_bytes(tables, 2, share)
         if smallest > allowed:
             raise ValueError(

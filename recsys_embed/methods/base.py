@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -307,14 +307,29 @@ class EmbeddingMethod(nn.Module):
     def config(self) -> dict[str, Any]:
         """The resolved knobs: every keyword option with the value this form was built with (defaults filled in,
         budget already solved), minus :attr:`config_exclude`. ``from_config(tables, config())`` rebuilds the form."""
-        params = inspect.signature(type(self).__init__).parameters
-        resolved = {
+        resolved = self.with_defaults(self._options)
+        return {k: v for k, v in resolved.items() if k not in self.config_exclude}
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Every keyword-only constructor option that has a default, with that default.
+
+        Read from the constructor's signature, the one source of truth: budget solvers look defaults up here
+        (through :meth:`with_defaults`) instead of restating them, so changing a default in ``__init__`` changes
+        what the solver plans for too.
+        """
+        params = inspect.signature(cls.__init__).parameters
+        return {
             p.name: p.default
             for p in params.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
         }
-        resolved.update(self._options)
-        return {k: v for k, v in resolved.items() if k not in self.config_exclude}
+
+    @classmethod
+    def with_defaults(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` over the constructor's defaults (:meth:`option_defaults`): what ``cls(tables, **options)``
+        would be built with, for the options that have defaults or were given."""
+        return {**cls.option_defaults(), **options}
 
     @classmethod
     def from_config(

@@ -122,7 +122,7 @@ class HashEmbedding(RemapMethod):
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> HashEmbedding:
         tables = check_tables(tables)
-        shared = bool(options.get("shared", False))
+        shared = bool(cls.with_defaults(options)["shared"])
         allowed = budget.max_bytes(tables)
         if cls.rows_bytes(tables, 1, shared) > allowed:
             smallest = cls.rows_bytes(tables, 1, shared)

@@ -8,7 +8,15 @@ table with ``d_t < d`` is followed by a learned ``d_t x d`` projection, so every
 (pooling is linear, so projecting the pooled bag equals pooling the projected rows). The tables stay TorchRec tables
 of their own width; the projections are small dense parameters.
 
-Memory: ``sum_t n_t * d_t * 4 + sum_{t: d_t < d} d_t * d * 4`` bytes. The budget solver searches ``alpha``.
+Memory: ``sum_t n_t * d_t * 4 + sum_{t: d_t < d} d_t * d * 4`` bytes.
+
+Budget solver: the smallest ``alpha`` whose dims fit, found exactly: dims only change at finitely many ``alpha``
+(:func:`alpha_breakpoints`), and every interval between them is tried in order, because bytes need not fall as
+``alpha`` grows (a dim just below ``d`` costs more than the full table when ``n < d(d - 4) / 4``: tables
+``(10, 500)`` at ``d = 64`` take 130,560 bytes at ``alpha = 0`` and 137,920 at ``0.01``). A table whose narrow form
+plus projection is no smaller than its full rows keeps its full dim (:func:`without_wasted_projections`). When no
+``alpha`` fits (all but the most popular tables already at dim 4), the widest dims are capped together, down to the
+true ceiling: every table at dim 4 (or full, where that is smaller). The solved ``dims`` are passed explicitly.
 
 Example::
 
@@ -51,6 +59,42 @@ def mde_bytes(tables: Sequence[EmbeddingBagConfig], dims: Sequence[int]) -> int:
     """The memory formula: narrow tables plus projections."""
     return FP32_BYTES * sum(
         t.num_embeddings * d + (d * t.embedding_dim if d < t.embedding_dim else 0) for t, d in zip(tables, dims)
+    )
+
+
+def without_wasted_projections(tables: Sequence[EmbeddingBagConfig], dims: Sequence[int]) -> list[int]:
+    """``dims`` with every table whose narrow rows plus projection (``(n + d) * d_t``) take no fewer bytes than its
+    full rows (``n * d``) put back at full dim: same or fewer bytes, no projection, no information lost.
+
+    For ``d_t < d`` the narrow form wins only when ``n > d * d_t / (d - d_t)``, so small tables (``n < d(d - 4) / 4``
+    for ``d_t`` just below ``d``) are better left full; this is why bytes need not fall as ``alpha`` grows.
+    """
+    return [
+        t.embedding_dim
+        if d < t.embedding_dim and (t.num_embeddings + t.embedding_dim) * d >= t.num_embeddings * t.embedding_dim
+        else d
+        for t, d in zip(tables, dims)
+    ]
+
+
+def alpha_breakpoints(tables: Sequence[EmbeddingBagConfig]) -> list[float]:
+    """The ``alpha > 0`` at which some table's :func:`mixed_dims` dim changes (its unrounded dim crosses an odd
+    multiple of 2), increasing; the dims are constant between two of them."""
+    smallest, q = min(t.num_embeddings for t in tables), TBE_DIM_MULTIPLE
+    points = {
+        math.log(t.embedding_dim / (q * (m + 0.5))) / math.log(t.num_embeddings / smallest)
+        for t in tables
+        if t.num_embeddings > smallest
+        for m in range(t.embedding_dim // q)
+        if q * (m + 0.5) < t.embedding_dim
+    }
+    return sorted(points)
+
+
+def smallest_mde_bytes(tables: Sequence[EmbeddingBagConfig]) -> int:
+    """The fewest bytes any per-table dims reach: each table at dim 4 with its projection, or full if smaller."""
+    return mde_bytes(
+        tables, without_wasted_projections(tables, [min(TBE_DIM_MULTIPLE, t.embedding_dim) for t in tables])
     )
 
 
@@ -112,26 +156,41 @@ class MixedDimEmbedding(EmbeddingMethod):
 
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> MixedDimEmbedding:
+        """The smallest ``alpha`` whose dims fit (exact: every interval between breakpoints is tried, no
+        monotonicity assumed), then a common cap on the widest dims; wasted projections are dropped."""
         tables = check_tables(tables)
-        allowed = budget.max_bytes(tables)
-        if mde_bytes(tables, mixed_dims(tables, 0.0)) <= allowed:
-            return cls(tables, alpha=0.0, **options)  # type: ignore[arg-type]
-        high = 1.0
-        while mde_bytes(tables, mixed_dims(tables, high)) > allowed and high < 64:
-            high *= 2
-        smallest = mde_bytes(tables, mixed_dims(tables, high))
-        if smallest > allowed:
-            raise ValueError(
-                f"Method 'mde' cannot fit {allowed} bytes: with every dim shrunk to 4 it needs {smallest} bytes "
-                f"(ratio {full_bytes(tables) / smallest:.1f}); the smallest table keeps its full dim. "
-                f"Ask for at least {smallest} bytes."
-            )
-        low = 0.0
-        for _ in range(40):  # bytes fall as alpha grows: bisect for the smallest alpha that fits
-            mid = (low + high) / 2
-            low, high = (mid, high) if mde_bytes(tables, mixed_dims(tables, mid)) > allowed else (low, mid)
-        method = cls(tables, alpha=high, **options)  # type: ignore[arg-type]
-        log.info(
-            "mde: alpha=%.4f dims %s reach ratio %.2f (asked %s)", high, method.dims, method.compression_ratio(), budget
+        allowed, full = budget.max_bytes(tables), full_bytes(tables)
+        points = alpha_breakpoints(tables)
+        # each breakpoint, and just past it (the dims of the interval it opens)
+        candidates = [0.0] + [a + step for a in points for step in (0.0, 1e-9 * max(1.0, a))]
+        for alpha in candidates:
+            dims = without_wasted_projections(tables, mixed_dims(tables, alpha))
+            if mde_bytes(tables, dims) <= allowed:
+                return cls._solved(tables, alpha, dims, budget, options)
+        # past the last breakpoint every table but the most popular is at dim 4: narrow those too, to a common cap
+        alpha = (points[-1] if points else 0.0) + 1.0
+        family = mixed_dims(tables, alpha)
+        for cap in range(max(family) - TBE_DIM_MULTIPLE, 0, -TBE_DIM_MULTIPLE):
+            dims = without_wasted_projections(tables, [min(d, max(cap, min(TBE_DIM_MULTIPLE, d))) for d in family])
+            if mde_bytes(tables, dims) <= allowed:
+                return cls._solved(tables, alpha, dims, budget, options)
+        smallest = smallest_mde_bytes(tables)
+        raise ValueError(
+            f"Method 'mde' cannot fit {allowed} bytes (ratio {full / allowed:.1f}): the fewest bytes any per-table "
+            f"dims reach is {smallest} bytes (ratio {full / smallest:.1f}: every table at dim 4 with its projection, "
+            f"or full where that is smaller). Ask for at least {smallest} bytes, or use a method whose rows are "
+            "shared (e.g. 'qr' or 'hash')."
         )
+
+    @classmethod
+    def _solved(
+        cls,
+        tables: list[EmbeddingBagConfig],
+        alpha: float,
+        dims: list[int],
+        budget: Budget,
+        options: dict[str, object],
+    ) -> MixedDimEmbedding:
+        method = cls(tables, **{**options, "alpha": alpha, "dims": dims})  # type: ignore[arg-type]
+        log.info("mde: alpha=%.4f dims %s reach ratio %.2f (asked %s)", alpha, dims, method.compression_ratio(), budget)
         return method

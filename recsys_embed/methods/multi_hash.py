@@ -95,7 +95,7 @@ class MultiHashEmbedding(RemapMethod):
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> MultiHashEmbedding:
         tables = check_tables(tables)
-        k = int(options.get("num_hashes", 2))  # type: ignore[arg-type]
+        k = int(cls.with_defaults(options)["num_hashes"])
         allowed, smallest = budget.max_bytes(tables), cls.rows_bytes(tables, k, k)
         if smallest > allowed:
             raise ValueError(

@@ -15,8 +15,17 @@ pools partition ``c`` of example ``b``; fbgemm's CPU kernels are faster on ``k *
 pooling sums them. Ids use int64 integer division, never floats.
 
 Memory: per table ``((k - 1) * b + ceil(n / b^(k-1))) * d' * 4`` bytes with ``d' = d`` (``d / k`` for concat).
-With ``b = 1`` a table degenerates to a full table plus ``k - 1`` constant rows (used for small tables). The budget
-solver caps rows per table and picks, per table, the smallest base that fits the cap.
+With ``b = 1`` a table degenerates to a full table plus ``k - 1`` constant rows.
+
+Budget solver (:func:`allocate_bases`): each table gets its own base. The rule is *min-max collisions*: the largest
+base over all tables is the smallest that lets the total fit, and the bytes left over then lower the bases of the
+tables with the most collisions first. Why: ``b`` is how many ids share each quotient row, the same meaning in every
+table whatever its size, and a model is limited by its most-shared features; one common collision count is also the
+paper's setting, which this rule reproduces wherever a table can use it (a table never takes a base past its own
+fewest bytes, ``b ~ n^(1/k)``, where more collisions stop saving memory). Every budget down to the sum of each
+table's fewest bytes (the true ceiling for ``k`` partitions) is met. Without ``partitions=``, a budget below the
+default's ceiling takes the fewest partitions that reach it (logged); a budget below every count's ceiling is an
+error naming that ceiling.
 
 Initialisation keeps the combined vector at a full table's scale (uniform ``±sqrt(1/n)``): ``mult`` starts the
 non-quotient partitions at 1, ``add`` shrinks each partition by ``sqrt(k)``.
@@ -30,18 +39,20 @@ Example::
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, check_tables, full_bytes
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import Combine, IdLayout, RemapMethod, largest_fitting
+from recsys_embed.methods.remap import Combine, IdLayout, RemapMethod
 
 log = logging.getLogger(__name__)
 Operation = Literal["mult", "add", "concat"]
@@ -54,16 +65,91 @@ def partition_rows(n: int, base: int, k: int) -> int:
     return (k - 1) * base + -(-n // base ** (k - 1))
 
 
-def smallest_base(n: int, k: int, cap: int) -> int | None:
-    """The smallest base whose partitions fit ``cap`` rows (fewest collisions), or None if none does.
+def ceil_root(n: int, k: int) -> int:
+    """The smallest integer ``r >= 1`` with ``r**k >= n`` (exact integer arithmetic, no float rounding)."""
+    r = max(1, round(n ** (1.0 / k)))
+    while r**k < n:
+        r += 1
+    while r > 1 and (r - 1) ** k >= n:
+        r -= 1
+    return r
 
-    Rows are not monotone in the base for ``k >= 3``, so every base up to just past the k-th root is checked
-    (rows only grow beyond it).
+
+@dataclass(frozen=True)
+class BaseChoices:
+    """One table's useful bases (collisions): increasing ``bases``, each with strictly fewer ``costs`` (bytes)
+    than every smaller base. Any other base is dominated: more collisions and no fewer bytes than one of these."""
+
+    bases: np.ndarray  # int64, increasing, starts at 1
+    costs: np.ndarray  # int64, strictly decreasing
+
+    @classmethod
+    def from_costs(cls, costs: Sequence[int] | np.ndarray) -> BaseChoices:
+        """The frontier of ``costs[i]`` = bytes at base ``i + 1`` (ties go to the smaller base)."""
+        costs = np.asarray(costs, dtype=np.int64)
+        keep = np.ones(len(costs), dtype=bool)
+        keep[1:] = costs[1:] < np.minimum.accumulate(costs)[:-1]
+        return cls(bases=np.flatnonzero(keep).astype(np.int64) + 1, costs=costs[keep])
+
+    def at_most(self, cap: int) -> int:
+        """Index of the best (fewest-bytes, then fewest-collisions) choice whose base is ``<= cap``."""
+        return int(np.searchsorted(self.bases, cap, side="right")) - 1
+
+
+def allocate_bases(choices: Sequence[BaseChoices], allowed: int) -> list[int] | None:
+    """Per-table bases whose total bytes fit ``allowed``, or None when even every table's fewest bytes do not.
+
+    The rule: the largest base over all tables is as small as possible (exact, by bisection on a common cap
+    ``B``: each table takes its best base ``<= B``, and total bytes fall as ``B`` grows); then the bytes left
+    under the budget go, greedily, to lowering the tables with the most collisions first (a table whose next
+    lower base does not fit the remainder is skipped), so small tables do not keep collisions they can afford
+    to drop. ``O(T log B)`` for the bisection plus one heap step per lowered base.
     """
-    for base in range(1, math.ceil(n ** (1.0 / k)) + 2):
-        if partition_rows(n, base, k) <= cap:
-            return base
-    return None
+    if sum(int(c.costs[-1]) for c in choices) > allowed:
+        return None
+
+    def total(cap: int) -> int:
+        return sum(int(c.costs[c.at_most(cap)]) for c in choices)
+
+    low, high = 1, max(int(c.bases[-1]) for c in choices)
+    while low < high:  # the smallest cap that fits; total(high) fits
+        mid = (low + high) // 2
+        low, high = (low, mid) if total(mid) <= allowed else (mid + 1, high)
+    index = [c.at_most(low) for c in choices]
+    left = allowed - total(low)
+    heap = [(-int(c.bases[j]), t) for t, (c, j) in enumerate(zip(choices, index)) if j > 0]
+    heapq.heapify(heap)
+    while heap:
+        _, t = heapq.heappop(heap)
+        c, j = choices[t], index[t]
+        step = int(c.costs[j - 1] - c.costs[j])
+        if step > left:
+            continue  # the remainder only shrinks: this table stays where it is
+        index[t], left = j - 1, left - step
+        if j - 1 > 0:
+            heapq.heappush(heap, (-int(c.bases[j - 1]), t))
+    return [int(c.bases[j]) for c, j in zip(choices, index)]
+
+
+def partition_choices(n: int, width: int, k: int) -> BaseChoices:
+    """The useful bases of an ``n``-id table with ``k`` partitions of ``width`` columns.
+
+    Bases up to ``ceil(n^(1/k))`` suffice: past the real minimum of ``(k - 1) b + n / b^(k-1)`` (at
+    ``b = n^(1/k)``) the ``k - 1`` rows a step of ``b`` adds are at least the quotient rows it saves.
+    """
+    top = ceil_root(n, k) + 1
+    if k == 2:  # up to ~sqrt(n) bases: vectorised
+        bases = np.arange(1, top + 1, dtype=np.int64)
+        rows = bases + -(-n // bases)
+    else:
+        rows = np.array([partition_rows(n, b, k) for b in range(1, top + 1)], dtype=np.int64)
+    return BaseChoices.from_costs(rows * width * FP32_BYTES)
+
+
+def max_useful_partitions(tables: Sequence[EmbeddingBagConfig]) -> int:
+    """Past ``ceil(log2 n) + 1`` partitions every base of every table is beaten by the same base with one
+    partition fewer (its last partition already has one row), so no table gets smaller."""
+    return math.ceil(math.log2(max(t.num_embeddings for t in tables))) + 1
 
 
 @register("qr")
@@ -179,32 +265,67 @@ class QREmbedding(RemapMethod):
 
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> QREmbedding:
+        """Per-table bases (see :func:`allocate_bases`) for the fewest partitions whose tables fit the budget.
+
+        With ``partitions`` given, only that many; without it, the constructor's default first, then more
+        (logged) when the budget is below what the default can reach.
+        """
         tables = check_tables(tables)
-        k = int(options.get("partitions", 2))  # type: ignore[arg-type]
-        operation = str(options.get("operation", "mult"))
-        allowed = budget.max_bytes(tables)
+        resolved = cls.with_defaults(options)
+        operation, first = str(resolved["operation"]), int(resolved["partitions"])
+        if operation == "concat" and any(t.embedding_dim % (first * TBE_DIM_MULTIPLE) for t in tables):
+            cls(tables, **{**options, "partitions": first})  # type: ignore[arg-type]  # raises the option error
+        allowed, full = budget.max_bytes(tables), full_bytes(tables)
 
-        def bases_for(cap: int) -> list[int] | None:
-            bases = [smallest_base(t.num_embeddings, k, cap) for t in tables]
-            return None if None in bases else bases  # type: ignore[return-value]
+        def width(t: EmbeddingBagConfig, k: int) -> int:
+            return t.embedding_dim // k if operation == "concat" else t.embedding_dim
 
-        def fits(cap: int) -> bool:
-            bases = bases_for(cap)
-            return bases is not None and cls.table_bytes(tables, bases, k, operation) <= allowed
+        def usable(k: int) -> bool:  # concat needs widths of whole multiples of 4 (else the constructor refuses)
+            return operation != "concat" or all(t.embedding_dim % (k * TBE_DIM_MULTIPLE) == 0 for t in tables)
 
-        floor_cap = max(
-            min(partition_rows(t.num_embeddings, b, k) for b in range(1, math.ceil(t.num_embeddings ** (1.0 / k)) + 2))
-            for t in tables
-        )
-        floor_bases = bases_for(floor_cap)
-        smallest = cls.table_bytes(tables, floor_bases, k, operation)  # type: ignore[arg-type]
-        if smallest > allowed:
+        more = [k for k in range(first + 1, max(first, max_useful_partitions(tables)) + 1) if usable(k)]
+        tried = [first] if "partitions" in options else [first, *more]
+        ceilings: dict[int, int] = {}
+        for k in tried:
+            choices = [partition_choices(t.num_embeddings, width(t, k), k) for t in tables]
+            bases = allocate_bases(choices, allowed)
+            if bases is not None:
+                if k != first:
+                    log.info(
+                        "qr: %d partitions reach at best %d bytes, above the budget of %d bytes: using %d partitions",
+                        first,
+                        ceilings[first],
+                        allowed,
+                        k,
+                    )
+                method = cls(tables, **{**options, "collisions": bases, "partitions": k})  # type: ignore[arg-type]
+                log.info(
+                    "qr: k=%d, bases %s reach ratio %.2f (asked %s)",
+                    k,
+                    method.bases,
+                    method.compression_ratio(),
+                    budget,
+                )
+                return method
+            ceilings[k] = sum(int(c.costs[-1]) for c in choices)
+        if len(tried) > 1:
+            best = min(ceilings, key=lambda k: (ceilings[k], k))
             raise ValueError(
-                f"Method 'qr' with {k} partitions cannot fit {allowed} bytes: the budget solver (one row cap for all "
-                f"tables) reaches at least {smallest} bytes (ratio {full_bytes(tables) / smallest:.1f}). Ask for at "
-                f"least {smallest} bytes, use more partitions (partitions={k + 1}), or set per-table collisions=[...]."
+                f"Method 'qr' cannot fit {allowed} bytes (ratio {full / allowed:.1f}): the fewest bytes any choice of "
+                f"per-table collisions reaches is {ceilings[best]} bytes (ratio {full / ceilings[best]:.1f}, with "
+                f"partitions={best}). Ask for at least {ceilings[best]} bytes, or use another method."
             )
-        cap = largest_fitting(fits, floor_cap, max(t.num_embeddings for t in tables) + k)
-        method = cls(tables, collisions=bases_for(cap), **options)  # type: ignore[arg-type]
-        log.info("qr: k=%d, bases %s reach ratio %.2f (asked %s)", k, method.bases, method.compression_ratio(), budget)
-        return method
+        k = first
+        hint = "use another method"
+        for other in more:
+            need = sum(int(partition_choices(t.num_embeddings, width(t, other), other).costs[-1]) for t in tables)
+            if need <= allowed:
+                hint = (
+                    f"use partitions={other} (reaches {need} bytes) or leave partitions unset to let the solver choose"
+                )
+                break
+        raise ValueError(
+            f"Method 'qr' with partitions={k} cannot fit {allowed} bytes (ratio {full / allowed:.1f}): the fewest "
+            f"bytes any choice of per-table collisions reaches with {k} partitions is {ceilings[k]} bytes (ratio "
+            f"{full / ceilings[k]:.1f}). Ask for at least {ceilings[k]} bytes, or {hint}."
+        )

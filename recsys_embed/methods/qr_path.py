@@ -14,8 +14,10 @@ q_{x // b})``, which for one id per bag is exactly ``W_r q``. It is computed as 
 with weighted ``torch.nn.functional.embedding_bag`` calls (forward and both gradients), never materialising a
 ``d x d`` matrix per id or per bag. The maps start at the identity, so the initial vectors have a full table's scale.
 
-Memory: ``sum_t (b_t * d^2 + ceil(n_t / b_t) * d) * 4`` bytes. The budget solver caps the bytes of every table and
-picks, per table, the smallest base (fewest collisions) under the cap.
+Memory: ``sum_t (b_t * d^2 + ceil(n_t / b_t) * d) * 4`` bytes. The budget solver gives each table its own base by
+``qr``'s rule (:func:`recsys_embed.methods.qr.allocate_bases`): the largest base over the tables is the smallest
+that fits, then leftover bytes lower the most-collided tables first. A table never takes a base past its fewest
+bytes (``b ~ sqrt(n / d)``), so every budget down to the sum of those minima (the true ceiling) is met.
 
 Example::
 
@@ -31,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -38,8 +41,9 @@ from torch.nn.functional import embedding_bag
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, Budget, check_tables, full_bytes
+from recsys_embed.methods.qr import BaseChoices, allocate_bases
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import RemapMethod, keyed, largest_fitting, per_value
+from recsys_embed.methods.remap import RemapMethod, keyed, per_value
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +53,12 @@ def path_bytes(n: int, d: int, base: int) -> int:
     return (base * d * d + -(-n // base) * d) * FP32_BYTES
 
 
-def smallest_path_base(n: int, d: int, cap: int) -> int | None:
-    """The smallest base whose bytes fit ``cap`` (bytes fall until ``base ~ sqrt(n / d)``), or None."""
-    for base in range(1, math.isqrt(max(1, n // d)) + 2):
-        if path_bytes(n, d, base) <= cap:
-            return base
-    return None
+def path_choices(n: int, d: int) -> BaseChoices:
+    """The useful bases of an ``n``-id, ``d``-dim table: bases up to ``ceil(sqrt(n / d))`` suffice (past the real
+    minimum of ``b d^2 + n d / b`` the ``d^2`` bytes per step of ``b`` outweigh the quotient rows it saves)."""
+    top = math.isqrt(-(-n // d)) + 2
+    bases = np.arange(1, top + 1, dtype=np.int64)
+    return BaseChoices.from_costs((bases * d * d + -(-n // bases) * d) * FP32_BYTES)
 
 
 class _ApplyMaps(torch.autograd.Function):
@@ -239,31 +243,20 @@ class QRPathEmbedding(RemapMethod):
 
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> QRPathEmbedding:
+        """Per-table bases by ``qr``'s rule (:func:`~recsys_embed.methods.qr.allocate_bases`: min-max collisions,
+        then the remainder to the most-collided tables)."""
         tables = check_tables(tables)
-        allowed = budget.max_bytes(tables)
-
-        def bases_for(cap: int) -> list[int | None]:
-            return [smallest_path_base(t.num_embeddings, t.embedding_dim, cap) for t in tables]
-
-        def total(bases: list[int | None]) -> int:
-            return sum(path_bytes(t.num_embeddings, t.embedding_dim, b) for t, b in zip(tables, bases))  # type: ignore[arg-type]
-
-        floor_cap = max(
-            min(
-                path_bytes(t.num_embeddings, t.embedding_dim, b)
-                for b in range(1, math.isqrt(max(1, t.num_embeddings // t.embedding_dim)) + 2)
-            )
-            for t in tables
-        )
-        smallest = total(bases_for(floor_cap))
-        if smallest > allowed:
+        allowed, full = budget.max_bytes(tables), full_bytes(tables)
+        choices = [path_choices(t.num_embeddings, t.embedding_dim) for t in tables]
+        bases = allocate_bases(choices, allowed)
+        if bases is None:
+            smallest = sum(int(c.costs[-1]) for c in choices)
             raise ValueError(
-                f"Method 'qr_path' cannot fit {allowed} bytes: the budget solver (one byte cap for all tables) reaches "
-                f"at least {smallest} bytes (ratio {full_bytes(tables) / smallest:.1f}). Ask for at least {smallest} "
-                "bytes, or set per-table collisions=[...]."
+                f"Method 'qr_path' cannot fit {allowed} bytes (ratio {full / allowed:.1f}): the fewest bytes any "
+                f"choice of per-table collisions reaches is {smallest} bytes (ratio {full / smallest:.1f}; each "
+                f"table's fewest at b ~ sqrt(n / d)). Ask for at least {smallest} bytes, or use 'qr', whose "
+                "partitions need no d x d maps."
             )
-        most = max(path_bytes(t.num_embeddings, t.embedding_dim, 1) for t in tables)
-        cap = largest_fitting(lambda c: total(bases_for(c)) <= allowed, floor_cap, most)
-        method = cls(tables, collisions=bases_for(cap), **options)  # type: ignore[arg-type]
+        method = cls(tables, **{**options, "collisions": bases})  # type: ignore[arg-type]
         log.info("qr_path: bases %s reach ratio %.2f (asked %s)", method.bases, method.compression_ratio(), budget)
         return method

@@ -124,7 +124,8 @@ class UnifiedEmbedding(RemapMethod):
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> UnifiedEmbedding:
         tables = check_tables(tables)
-        chunk_dim = int(options.get("chunk_dim") or math.gcd(*[t.embedding_dim for t in tables]))  # type: ignore[arg-type]
+        # None (the default) means the dims' gcd, as in the constructor
+        chunk_dim = int(cls.with_defaults(options)["chunk_dim"] or math.gcd(*[t.embedding_dim for t in tables]))
         seeds = len(tables) * max(t.embedding_dim for t in tables) // chunk_dim
         allowed = budget.max_bytes(tables)
         rows = (allowed - INT64_BYTES * seeds) // (chunk_dim * FP32_BYTES)
