@@ -123,8 +123,9 @@ def test_a_killed_run_resumes_at_its_stage_and_step(toy: type, tmp_path: Path) -
     assert resumed["stages"]["frozen"]["status"] == "done" and resumed["stages"]["frozen"]["steps"] == STEPS
     assert int(final(tmp_path, "frozen")["net.embedding.hook_calls"]) == 2 * STEPS
     staged_toy.HOOK_CALLS.clear()
-    fit(tmp_path)  # everything done: nothing trains
+    fit(tmp_path, "--test_after_fit=true")  # everything done: nothing trains, the final form is tested
     assert staged_toy.HOOK_CALLS == []
+    assert any("test/auc" in p.read_text() for p in tmp_path.glob("lightning_logs/*/metrics.csv"))
 
 
 def test_stage_option_restarts_at_a_stage(toy: type, tmp_path: Path) -> None:
@@ -146,6 +147,8 @@ def test_stage_option_restarts_at_a_stage(toy: type, tmp_path: Path) -> None:
 def test_the_benchmark_runs_every_stage(toy: type, tmp_path: Path) -> None:
     raw = small_spec(methods=[{"name": staged_toy.NAME, "budgets": [1]}, {"name": "full", "budgets": [1]}], seeds=[0])
     cells = expand_grid(parse_spec(raw))
+    toy_cell = next(c for c in cells if c.method.name == staged_toy.NAME)
+    assert toy_cell.settings()["method"]["version"] == staged_toy.StagedToy.version  # version 3: in the cell id
     assert run_sweep(cells, tmp_path, progress=False)["ok"] == 2
     frame = load_results(tmp_path).set_index("method")
     staged, full = frame.loc[staged_toy.NAME], frame.loc["full"]
