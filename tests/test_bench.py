@@ -328,3 +328,20 @@ def test_results_file_round_trips(tmp_path: Path) -> None:
     merged = pd.read_parquet(tmp_path / "results.parquet")
     assert len(merged) == len(frame) and set(merged["cell_id"]) == set(frame["cell_id"])
     assert len(load_results(tmp_path)) == len(frame)  # results.parquet and the cell files dedup to one row each
+
+
+def test_method_versions_in_cell_ids_and_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from recsys_embed.benchmark.report import current_version_rows
+    from recsys_embed.methods import method_class
+
+    cells = expand_grid(parse_spec(small_spec(seeds=[0])))
+    hashed = next(c for c in cells if c.method.name == "hash")
+    assert "version" not in hashed.settings()["method"]  # version 1: ids of results written before versions stay
+    before = hashed.cell_id
+    monkeypatch.setattr(method_class("hash"), "version", 2)
+    assert hashed.settings()["method"]["version"] == 2 and hashed.cell_id != before  # a bump reruns the cell
+    rows = pd.DataFrame(
+        {"method": ["hash", "hash", "full", "mine"], "method_version": [1, 2, None, 5], "status": ["ok"] * 4}
+    )
+    kept = current_version_rows(rows)  # hash v1 left out; unrecorded = v1; unregistered methods kept
+    assert list(kept["method"]) == ["hash", "full", "mine"] and list(kept["method_version"].fillna(1)) == [2, 1, 5]

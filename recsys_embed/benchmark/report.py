@@ -30,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from recsys_embed.benchmark.store import load_results, write_merged
+from recsys_embed.methods import available_methods, method_class
 
 log = logging.getLogger(__name__)
 
@@ -337,15 +338,38 @@ def _problems(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
+def current_version_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` without the rows of registered methods measured at another class version than this code's (rows
+    from before versions were recorded count as version 1); each left-out group is logged."""
+    if frame.empty or "method_version" not in frame:
+        return frame
+    recorded = pd.to_numeric(frame["method_version"], errors="coerce").fillna(1).astype(int)
+    current = frame["method"].map(lambda name: method_class(name).version if name in available_methods() else None)
+    stale = current.notna() & (recorded != current)
+    for (method, version), group in frame[stale].groupby([frame["method"][stale], recorded[stale]]):
+        log.warning(
+            "Left out %d result row(s) of method %r version %d: this code has version %d (rerun the sweep).",
+            len(group),
+            method,
+            version,
+            method_class(method).version,
+        )
+    return frame[~stale].reset_index(drop=True)
+
+
 def build_report(output: str | Path, frame: pd.DataFrame | None = None) -> Path:
-    """Merge the stores under ``output`` (or use ``frame``), write ``results.parquet``, the plots and ``report.md``."""
+    """Merge the stores under ``output`` (or use ``frame``), write ``results.parquet``, the plots and ``report.md``.
+
+    Rows of a method measured at another class version than this code's are left out (:func:`current_version_rows`).
+    """
     output = Path(output)
     if frame is None:
         frame = load_results(output)
     if frame.empty:
         raise ValueError(f"No results under {str(output)!r}: run `recsys-embed bench --output {output}` first.")
     output.mkdir(parents=True, exist_ok=True)
-    write_merged(frame, output)
+    write_merged(frame, output)  # every row; the report's tables use the current versions' rows
+    frame = current_version_rows(frame)
     lines = _header(frame, output)
     for (dataset, model), group in frame.groupby(["dataset", "model"], sort=False):
         lines += ["", f"## {dataset} / {model}", "", _best_per_budget(group)]

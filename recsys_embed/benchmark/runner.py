@@ -2,8 +2,9 @@
 
 A cell first checks that its method can be built at its budget (on the ``meta`` device when the method takes a
 ``device``, so no memory is allocated); a ``ValueError`` there is recorded as ``infeasible`` with the method's
-message. Then it trains (``trainer.fit``) and tests (``trainer.test``) exactly as ``recsys-embed fit
---test_after_fit true`` does, timing every train step and test batch. Any other error is recorded as ``failed``
+message. Then it trains every stage of the method (one ``trainer.fit`` per stage, in memory, see
+:func:`recsys_embed.training.stages.run_stages`) and tests (``trainer.test``) as ``recsys-embed fit
+--test_after_fit true`` does, timing every train step, stage and test batch. Any other error is recorded as ``failed``
 with its message, and the sweep goes on. Cells run one after another in one process: two training processes on a
 small machine make fbgemm's OpenMP kernels crawl.
 """
@@ -38,7 +39,9 @@ from recsys_embed.benchmark.spec import Cell
 from recsys_embed.benchmark.store import DONE_STATUSES, ResultStore
 from recsys_embed.data import CTRDataModule, synthetic_dataset
 from recsys_embed.methods import Budget, SparseOptimizer, build_embedding, method_class, method_options
+from recsys_embed.methods.base import Stage
 from recsys_embed.training import CTRTask, EmbeddingSpec, tables_for
+from recsys_embed.training.stages import run_stages
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,7 @@ def base_row(cell: Cell) -> dict[str, Any]:
         "model": cell.model.label,
         "method": cell.method.name,
         "method_label": cell.method.label,
+        "method_version": method_class(cell.method.name).version,
         "options": json.dumps(cell.method.options, sort_keys=True),
         "budget_ratio": cell.budget,
         "seed": cell.seed,
@@ -245,26 +249,32 @@ def _train_and_test(cell: Cell, data: CTRDataModule, output: Path) -> dict[str, 
     )
     timer = StepTimer()
     logger = CSVLogger(output / "runs", name=cell.cell_id, version="") if training.csv_logs else False
-    trainer = pl.Trainer(
-        accelerator=training.accelerator,
-        devices=1,
-        max_epochs=training.max_epochs,
-        max_steps=training.max_steps,
-        limit_train_batches=training.limit_train_batches,
-        limit_val_batches=training.limit_val_batches,
-        limit_test_batches=training.limit_test_batches,
-        num_sanity_val_steps=0,
-        inference_mode=False,  # fbgemm's CPU kernels cannot run fused tables under inference_mode
-        logger=logger,
-        callbacks=[timer],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=training.log_every_n_steps,
-    )
+
+    def stage_trainer(stage: Stage, folder: Path | None) -> pl.Trainer:
+        return pl.Trainer(
+            accelerator=training.accelerator,
+            devices=1,
+            max_epochs=stage.max_epochs if stage.max_epochs is not None else training.max_epochs,
+            max_steps=training.max_steps,
+            limit_train_batches=training.limit_train_batches,
+            limit_val_batches=training.limit_val_batches,
+            limit_test_batches=training.limit_test_batches,
+            num_sanity_val_steps=0,
+            inference_mode=False,  # fbgemm's CPU kernels cannot run fused tables under inference_mode
+            logger=logger,
+            callbacks=[timer],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=training.log_every_n_steps,
+        )
+
     started = time.perf_counter()
-    trainer.fit(task, datamodule=data)
+    run = run_stages(task, data, stage_trainer)  # one stage (a plain fit) for single-stage methods
     fit_s = time.perf_counter() - started
+    task, trainer = run.task, run.trainer
+    if trainer is None:  # pragma: no cover - in memory every stage runs
+        raise RuntimeError(f"Method {cell.method.name!r} declares no stage to train.")
     validation = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     started = time.perf_counter()
     tested = trainer.test(task, datamodule=data, verbose=False)
@@ -275,15 +285,16 @@ def _train_and_test(cell: Cell, data: CTRDataModule, output: Path) -> dict[str, 
         "resolved": json.dumps(resolved_options(embedding, cell.method.name), sort_keys=True),
         "ratio": float(embedding.compression_ratio()),
         "memory_bytes": int(embedding.memory_bytes()),
+        "training_bytes": int(embedding.training_bytes()),
         "full_bytes": int(embedding.full_bytes()),
         "val_auc": _metric(validation, "val/auc"),
         "val_logloss": _metric(validation, "val/logloss"),
         "test_auc": _metric(metrics, "test/auc"),
         "test_logloss": _metric(metrics, "test/logloss"),
-        "steps": int(trainer.global_step),
+        "steps": sum(r.steps for r in run.results),
         "epochs": int(trainer.current_epoch),
         "train_time_s": fit_s,
-        "stage_times": json.dumps({"fit": round(fit_s, 3), "test": round(test_s, 3)}),
+        "stage_times": json.dumps({"fit": round(fit_s, 3), "test": round(test_s, 3), "stages": run.stage_times()}),
         "train_step_ms": timer.train_step_ms(),
         "test_time_s": test_s,
         "inference_ms": timer.inference_ms(),

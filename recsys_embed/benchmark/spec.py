@@ -320,11 +320,20 @@ class Cell:
     training: TrainingSettings
 
     def settings(self) -> dict[str, Any]:
-        """The resolved settings (JSON-able) that identify the run."""
+        """The resolved settings (JSON-able) that identify the run.
+
+        The method's class version is part of them from version 2 on (results of version 1, written before
+        versions were recorded, keep their ids); bumping a method's version gives its cells new ids, so a sweep
+        reruns them, and the report leaves out rows of other versions (:func:`current_version_rows`).
+        """
+        method: dict[str, Any] = {"name": self.method.name, "label": self.method.label, "options": self.method.options}
+        version = method_class(self.method.name).version
+        if version != 1:
+            method["version"] = version
         return {
             "dataset": {"name": self.dataset.name, **self.dataset.resolved()},
             "model": {"name": self.model.name, "label": self.model.label, "options": self.model.options},
-            "method": {"name": self.method.name, "label": self.method.label, "options": self.method.options},
+            "method": method,
             "budget_ratio": self.budget,
             "seed": self.seed,
             "training": dataclasses.asdict(self.training),

@@ -3,13 +3,28 @@
 Loss is binary cross-entropy on logits; validation and test report AUC and log loss. Dense parameters are updated
 by the configured PyTorch optimizer; embedding rows are updated inside backward by the fused sparse optimizer of
 fbgemm's table-batched kernels (set by ``sparse_optimizer``, logged at start).
+
+Checkpoints are self-described: their hyperparameters hold ``description``, the model's importable class path and
+init args and the method's :func:`~recsys_embed.methods.saving.describe` (name, class version, tables, resolved
+config) plus its current stage. ``CTRTask.load_from_checkpoint(path)`` rebuilds the net from it, whatever model
+built it, without solving a budget or reading id counts; only plain types are stored (``weights_only=True``).
+
+Staged methods: the current stage's :meth:`~recsys_embed.methods.EmbeddingMethod.regularizer` is added to the
+training loss, :meth:`~recsys_embed.methods.EmbeddingMethod.on_train_step` is called after each optimizer step, and
+:meth:`~recsys_embed.methods.EmbeddingMethod.stage_parameter_groups` get their own optimizers (then the task
+optimizes manually); :meth:`CTRTask.advance_stage` swaps in the next stage's form (see
+:mod:`recsys_embed.training.stages`).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -33,6 +48,7 @@ from recsys_embed.methods import (
     method_class,
 )
 from recsys_embed.methods.fused import FusedTables
+from recsys_embed.methods.saving import check_same_tables, describe, rebuild
 from recsys_embed.models import DLRM
 from recsys_embed.training.sharding import consolidated_optimizer_state, load_sharded_optimizer_state
 from recsys_embed.training.strategy import TorchRecStrategy
@@ -75,6 +91,85 @@ def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
 
+#: what a checkpoint's ``hyper_parameters["description"]`` holds
+DESCRIPTION_FORMAT = "recsys_embed.ctr_task/1"
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is made of types ``torch.load(weights_only=True)`` and YAML both take."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def describe_model_factory(factory: Callable[..., nn.Module]) -> dict[str, Any] | None:
+    """``{"class": "package.module.Class", "init_args": {...}}`` for a model class, a ``functools.partial`` of one,
+    or the factory LightningCLI builds from ``class_path``/``init_args``; ``None`` if it is none of these (or not
+    importable, or its options are not plain values)."""
+    cls, init_args = factory, {}
+    if isinstance(factory, functools.partial):
+        init_args = dict(factory.keywords)
+        if isinstance(factory.func, type) and not factory.args:
+            cls = factory.func
+        elif factory.args and isinstance(factory.args[-1], type):  # jsonargparse: partial(instantiate, ..., cls)
+            cls = factory.args[-1]
+        else:
+            return None
+    if not isinstance(cls, type) or "<locals>" in cls.__qualname__ or not _is_plain(init_args):
+        return None
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def model_factory_from(description: dict[str, Any]) -> Callable[..., nn.Module]:
+    """The model factory a :func:`describe_model_factory` result stands for."""
+    module, _, name = description["class"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise ValueError(
+            f"The checkpoint's model class {description['class']!r} cannot be imported: install the package that "
+            "defines it, or pass model= to load_from_checkpoint."
+        ) from None
+    return functools.partial(cls, **description["init_args"])
+
+
+def checkpoint_description(path: str | Path) -> dict[str, Any] | None:
+    """The ``description`` of a ``CTRTask`` checkpoint (model and method that built it), ``None`` if it has none
+    (checkpoints written before descriptions existed). Memory-maps the file: tensors are not read."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip-format file: mmap is not possible
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    description = saved.get("hyper_parameters", {}).get("description") if isinstance(saved, dict) else None
+    return description if isinstance(description, dict) and description.get("format") == DESCRIPTION_FORMAT else None
+
+
+def _as_spec(value: EmbeddingSpec | dict[str, Any]) -> EmbeddingSpec:
+    """An :class:`EmbeddingSpec` from itself or its dict form (checkpoints store the dict)."""
+    if isinstance(value, EmbeddingSpec):
+        return value
+    budget = value.get("budget")
+    return EmbeddingSpec(
+        method=value.get("method", "full"),
+        budget=Budget(**budget) if isinstance(budget, dict) else budget,
+        options=dict(value.get("options") or {}),
+    )
+
+
+def _as_sparse_optimizer(value: SparseOptimizer | dict[str, Any]) -> SparseOptimizer:
+    return value if isinstance(value, SparseOptimizer) else SparseOptimizer(**value)
+
+
+def _normalized(value: Any) -> Any:
+    """Tuples and lists alike (YAML and checkpoints keep them differently)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 class CTRTask(pl.LightningModule):
     """Binary CTR training of ``model(embedding, num_dense)``.
 
@@ -88,6 +183,14 @@ class CTRTask(pl.LightningModule):
         optimizer: factory of the dense optimizer.
         id_counts_dir: folder with the data's ``id_counts.npz`` (linked from the data module), read only by
             frequency-aware methods.
+        description: what built a saved task (set by :meth:`load_from_checkpoint` and ``recsys-embed
+            test/validate --ckpt_path``; not meant to be written by hand). When given, the model and the method's
+            form are rebuilt from it (``embedding`` and ``model`` are not used; no budget is solved, no id counts
+            read), after checking that its tables are the ones ``cardinalities`` and ``embedding_dim`` give.
+
+    Example::
+
+        task = CTRTask.load_from_checkpoint("runs/x/checkpoints/last.ckpt")  # any model, any method
     """
 
     def __init__(
@@ -100,11 +203,39 @@ class CTRTask(pl.LightningModule):
         sparse_optimizer: SparseOptimizer = SparseOptimizer(),
         optimizer: OptimizerFactory = default_optimizer,
         id_counts_dir: str | None = None,
+        description: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer"])
+        embedding, sparse_optimizer = _as_spec(embedding), _as_sparse_optimizer(sparse_optimizer)
         self.tables = tables_for(cardinalities, embedding_dim)
         self.embedding_spec = embedding
+        if description is not None:
+            method, model = self._from_description(description, model)
+        else:
+            method = self._build_method(embedding, id_counts_dir)
+        self._method = [method]  # a plain reference: the module is registered once, inside self.net
+        self.model_factory = model
+        self.net = model(method, num_dense)
+        self.sparse_optimizer = sparse_optimizer
+        self.optimizer_factory = optimizer
+        self._settings = {  # what builds a task like this one for another checkpoint (see from_checkpoint)
+            "cardinalities": cardinalities,
+            "num_dense": num_dense,
+            "embedding_dim": embedding_dim,
+            "embedding": embedding,
+            "model": model,
+            "sparse_optimizer": sparse_optimizer,
+            "optimizer": optimizer,
+            "id_counts_dir": id_counts_dir,
+        }
+        self.hparams["description"] = self.describe()
+        self.val_auc, self.test_auc = BinaryAUROC(), BinaryAUROC()
+        self.val_logloss, self.test_logloss = MeanMetric(), MeanMetric()
+        self._pending_optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None
+        self._log_embedding()
+
+    def _build_method(self, embedding: EmbeddingSpec, id_counts_dir: str | None) -> EmbeddingMethod:
         options = dict(embedding.options)
         if method_class(embedding.method).needs_id_counts and "id_counts" not in options:
             if id_counts_dir is None:
@@ -113,17 +244,41 @@ class CTRTask(pl.LightningModule):
                     "it from data.data_dir) or pass id_counts in model.embedding.options."
                 )
             options["id_counts"] = load_id_counts(id_counts_dir)
-        method = build_embedding(embedding.method, self.tables, budget=embedding.budget, **options)
-        self._method = [method]  # a plain reference: the module is registered once, inside self.net
-        self.net = model(method, num_dense)
-        self.sparse_optimizer = sparse_optimizer
-        self.optimizer_factory = optimizer
-        self.val_auc, self.test_auc = BinaryAUROC(), BinaryAUROC()
-        self.val_logloss, self.test_logloss = MeanMetric(), MeanMetric()
-        self._pending_optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None
+        return build_embedding(embedding.method, self.tables, budget=embedding.budget, **options)
+
+    def _from_description(
+        self, description: dict[str, Any], model: ModelFactory
+    ) -> tuple[EmbeddingMethod, ModelFactory]:
+        if description.get("format") != DESCRIPTION_FORMAT:
+            raise ValueError(
+                f"CTRTask(description=...) takes what a checkpoint's hyper_parameters['description'] holds "
+                f"(format {DESCRIPTION_FORMAT!r}); got format {description.get('format')!r}."
+            )
+        saved = description["method"]
+        check_same_tables(saved["tables"], self.tables, "the checkpoint")
+        method = rebuild(saved)
+        if method.stage != saved["stage"]:
+            raise ValueError(
+                f"Method {saved['name']!r} rebuilt from its config is in stage {method.stage!r}, the checkpoint in "
+                f"{saved['stage']!r}: a staged method must take its stage as an option (so config() records it)."
+            )
+        if description.get("model") is not None:
+            model = model_factory_from(description["model"])
         log.info(
-            "Embedding %r: %d bytes, ratio %.2f against full fp32 tables (%d bytes)",
-            embedding.method,
+            "Rebuilt from a checkpoint: model %s, method %r version %s (stage %r, config %s)",
+            (description.get("model") or {}).get("class", "given by model="),
+            saved["name"],
+            saved["version"],
+            saved["stage"],
+            saved["config"],
+        )
+        return method, model
+
+    def _log_embedding(self) -> None:
+        log.info(
+            "Embedding %r (stage %r): %d bytes, ratio %.2f against full fp32 tables (%d bytes)",
+            self.embedding.name,
+            self.embedding.stage,
             self.embedding.memory_bytes(),
             self.embedding.compression_ratio(),
             self.embedding.full_bytes(),
@@ -134,6 +289,55 @@ class CTRTask(pl.LightningModule):
         """The compression method (a submodule of ``net``)."""
         return self._method[0]
 
+    # ---- self-description ------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What rebuilds this task's net (plain types): the model's class and init args (``None`` for a factory
+        that cannot be described), the method's name, class version, tables, resolved config and stage."""
+        model = describe_model_factory(self.model_factory)
+        if model is None and not getattr(self, "_warned_factory", False):
+            self._warned_factory = True
+            log.warning(
+                "Model factory %r is not an importable class (or a partial of one) with plain options: checkpoints "
+                "will need model= to reload.",
+                self.model_factory,
+            )
+        return {
+            "format": DESCRIPTION_FORMAT,
+            "model": model,
+            "method": {**describe(self.embedding), "stage": self.embedding.stage},
+        }
+
+    def from_checkpoint(self, path: str | Path) -> CTRTask:
+        """A task with this one's settings (optimizers, sparse optimizer) and the net ``path`` describes, its
+        weights loaded (no optimizer or loop state: ``Trainer.fit(ckpt_path=...)`` restores those)."""
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        description = saved.get("hyper_parameters", {}).get("description")
+        if description is None:
+            raise ValueError(f"{path} has no model/method description: it was not written by this CTRTask version.")
+        task = type(self)(**self._settings, description=description)
+        task.load_state_dict(saved["state_dict"])
+        return task
+
+    def advance_stage(self) -> None:
+        """Replace the method by its next stage's form (:meth:`EmbeddingMethod.next_stage`); the next ``fit``
+        fuses its tables and builds fresh optimizers."""
+        if isinstance(self.net, DistributedModelParallel):
+            raise ValueError(
+                "Cannot build the next stage inside sharded tables: rebuild the task from the stage's final "
+                "checkpoint (CTRTask.from_checkpoint) and advance that one."
+            )
+        old = self.embedding
+        new = old.next_stage()
+        if new is not old:
+            parent, _, name = next(path for path, module in self.net.named_modules() if module is old).rpartition(".")
+            setattr(self.net.get_submodule(parent) if parent else self.net, name, new)
+            self._method = [new]
+        self._pending_optimizer_state = None  # the previous stage's fused optimizer state does not carry over
+        self.hparams["description"] = self.describe()
+        log.info("Method %r: stage %r -> %r", old.name, old.stage, new.stage)
+        self._log_embedding()
+
+    # ---- training --------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self._trainer is None:
             return
@@ -151,9 +355,33 @@ class CTRTask(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
+        sync = self.trainer.world_size > 1
+        regularizer = self.embedding.regularizer()
+        if regularizer is not None:
+            self.log("train/bce", loss, batch_size=len(batch), sync_dist=sync)
+            self.log("train/regularizer", regularizer, batch_size=len(batch), sync_dist=sync)
+            loss = loss + regularizer
         # with several ranks, log the global batch's loss (the mean of the ranks' equal shares)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=self.trainer.world_size > 1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=sync)
+        if not self.automatic_optimization:  # the stage has its own parameter groups (see configure_optimizers)
+            optimizers = self.optimizers()
+            optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+            for opt in optimizers:
+                opt.zero_grad()
+            self.manual_backward(loss)
+            step = self.trainer.global_step
+            optimizers[0].step()  # counted: one global step per batch, as with automatic optimization
+            for opt in optimizers[1:]:
+                opt.optimizer.step()
+            self.embedding.on_train_step(step)
         return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step as Lightning does, then call the method's per-step hook (``step`` counts from 0 within the stage,
+        each stage having its own Trainer) before any callback sees the batch's end (checkpoints include it)."""
+        step = self.trainer.global_step
+        super().optimizer_step(*args, **kwargs)
+        self.embedding.on_train_step(step)
 
     def _evaluate(self, batch: Batch, auc: BinaryAUROC, logloss: MeanMetric, stage: str) -> None:
         logits = self(batch)
@@ -177,7 +405,13 @@ class CTRTask(pl.LightningModule):
             dataset.set_epoch(self.current_epoch)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the fused tables' optimizer state (it lives in fbgemm, outside Lightning's optimizers)."""
+        """Save the description of the net's current form, and the fused tables' optimizer state (it lives in
+        fbgemm, outside Lightning's optimizers)."""
+        hparams = checkpoint.setdefault("hyper_parameters", {})
+        for key, value in hparams.items():  # plain dicts, as LightningCLI writes them (CTRTask takes both)
+            if isinstance(value, (EmbeddingSpec, SparseOptimizer)):
+                hparams[key] = asdict(value)
+        hparams["description"] = self.describe()
         if isinstance(self.net, DistributedModelParallel):  # a collective: every rank gets here
             checkpoint["fused_optimizer_state"] = consolidated_optimizer_state(self.net, prefix="net.")
             return
@@ -187,13 +421,35 @@ class CTRTask(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the fused optimizer state: now if the tables are fused (resuming ``fit`` on one process), at
-        ``on_fit_start`` if the sharding strategy has yet to shard them."""
+        ``on_fit_start`` if the sharding strategy has yet to shard them. A checkpoint of another model or method
+        form than this task's is a clear error (rebuild it with :meth:`load_from_checkpoint`)."""
+        self._check_description(checkpoint.get("hyper_parameters", {}).get("description"))
         saved = checkpoint.get("fused_optimizer_state", {})
         fused = {name: module for name, module in self.named_modules() if isinstance(module, FusedTables)}
         for name, state in saved.items():
             if name in fused:
                 fused[name].load_optimizer_state(state)
         self._pending_optimizer_state = saved if saved and not fused else None
+
+    def _check_description(self, saved: dict[str, Any] | None) -> None:
+        if saved is None:  # written before checkpoints described themselves
+            return
+        mine = self.describe()
+        check_same_tables(saved["method"]["tables"], self.tables, "the checkpoint")
+        keys = ("name", "version", "config", "stage")
+        theirs = {k: saved["method"][k] for k in keys}
+        ours = {k: mine["method"][k] for k in keys}
+        if _normalized(theirs) != _normalized(ours):
+            raise ValueError(
+                f"The checkpoint was written by method {theirs}, this task holds {ours}: load it with "
+                "CTRTask.load_from_checkpoint(path) (or recsys-embed test/validate --ckpt_path, which rebuild the "
+                "checkpoint's form), or build the task with the same method settings."
+            )
+        if saved.get("model") and mine["model"] and saved["model"]["class"] != mine["model"]["class"]:
+            raise ValueError(
+                f"The checkpoint was written by model {saved['model']['class']}, this task holds "
+                f"{mine['model']['class']}: load it with CTRTask.load_from_checkpoint(path)."
+            )
 
     def on_fit_start(self) -> None:
         pending, self._pending_optimizer_state = self._pending_optimizer_state, None
@@ -210,5 +466,35 @@ class CTRTask(pl.LightningModule):
                 }
             )
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(dense_parameters(self))
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+        """The dense optimizer; with stage parameter groups, one more optimizer per group (those parameters leave
+        the dense one) and manual optimization."""
+        groups = self.embedding.stage_parameter_groups()
+        if not groups:
+            self.automatic_optimization = True
+            return self.optimizer_factory(dense_parameters(self))
+        owned = {id(p) for group in groups for p in group.params}
+        dense = self.optimizer_factory([p for p in dense_parameters(self) if id(p) not in owned])
+        optimizers = [dense]
+        for group in groups:
+            cls = _OPTIMIZERS.get(group.optimizer.lower())
+            if cls is None:
+                raise ValueError(
+                    f"Parameter group {group.name!r} of method {self.embedding.name!r} asks for optimizer "
+                    f"{group.optimizer!r}; known: {sorted(_OPTIMIZERS)}."
+                )
+            optimizers.append(cls(group.params, lr=group.lr, **group.options))
+            log.info(
+                "Stage %r: parameter group %r with %s (lr %g)", self.embedding.stage, group.name, cls.__name__, group.lr
+            )
+        self.automatic_optimization = False
+        return optimizers
+
+
+#: optimizers a stage's parameter group may name
+_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+}
