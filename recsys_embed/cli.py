@@ -125,7 +125,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-BENCH_HINT = "Benchmark sweep (every method x budget): recsys-embed bench --help"
+BENCH_HINT = (
+    "More commands: recsys-embed bench (the method x budget sweep; bench --help) and recsys-embed methods (every "
+    "compression method with its options, memory formula and reachable ratios)."
+)
 
 
 def main(args: list[str] | None = None) -> int | None:
@@ -141,6 +144,10 @@ def main(args: list[str] | None = None) -> int | None:
         from recsys_embed.benchmark.cli import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["methods"]:
+        from recsys_embed.catalog import main as methods_main
+
+        return methods_main(argv[1:])
     RecsysCLI(
         CTRTask,
         CTRDataModule,

@@ -109,3 +109,15 @@ def test_each_epoch_gets_its_own_shuffle(tmp_path: Path, monkeypatch: pytest.Mon
     )
     trainer.fit(Recording(dm.cardinalities, dm.num_dense), datamodule=dm)
     assert len(first_ids) == 2 and first_ids[0] != first_ids[1]
+
+
+def test_methods_command_lists_every_method_with_options_and_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    from recsys_embed.cli import main
+
+    assert main(["methods", "hash", "qr"]) == 0
+    out = capsys.readouterr().out
+    assert "hash (version 1): the hashing trick" in out and "rows: int (required unless a budget is given" in out
+    assert "qr (version 1)" in out and "reachable ratios: 1.23x - " in out and "operation: Literal" in out
+    with pytest.raises(SystemExit):
+        main(["methods", "hsah"])
+    assert "unknown method(s) ['hsah']" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,3 +141,11 @@ def test_budget_solvers_read_defaults_from_the_constructor(name: str, option: st
     expected = cls.from_budget(tables, budget, **extra, **{option: value})
     assert solved.config() == expected.config()
     assert solved.config() != cls.from_budget(tables, budget, **extra).config()
+
+
+def test_the_readme_methods_table_is_the_generated_one() -> None:
+    from recsys_embed.catalog import default_tables, method_info, render_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = render_markdown([method_info(n, default_tables()) for n in available_methods()])
+    assert table in readme, "README's methods table is stale: regenerate it with `recsys-embed methods --markdown`"
