@@ -286,3 +286,13 @@ def test_a_module_without_net_and_sparse_optimizer_is_a_clear_error() -> None:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def test_several_processes_without_the_torchrec_strategy_stop_with_one_clear_error(tiny_dataset: Path) -> None:
+    """DDP would leave each rank its own fused tables (checksums drift apart): refused before anything trains."""
+    data = CTRDataModule(data_dir=str(tiny_dataset), batch_size=64)
+    task = CTRTask(cardinalities=data.cardinalities, num_dense=data.num_dense, embedding_dim=8)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False)
+    task._trainer = trainer  # what Lightning sets before configure_model, on every rank
+    with pytest.raises(ValueError, match=r"2 processes with strategy DDPStrategy.*--trainer.strategy torchrec"):
+        task.configure_model()

@@ -341,14 +341,22 @@ class CTRTask(pl.LightningModule):
     def configure_model(self) -> None:
         if self._trainer is None:
             return
+        strategy = self.trainer.strategy
+        if self.trainer.world_size > 1 and not isinstance(strategy, TorchRecStrategy):
+            raise ValueError(
+                f"Training on {self.trainer.world_size} processes with strategy {type(strategy).__name__} would give "
+                "every rank its own copy of the fused embedding tables (they update inside backward, outside DDP), "
+                "so the ranks would drift apart silently. Use --trainer.strategy torchrec (Python: "
+                "Trainer(strategy='torchrec')), which shards the tables across the ranks."
+            )
         loop = getattr(self.trainer, "_evaluation_loop", None)
         if getattr(loop, "inference_mode", False):
             raise ValueError(
                 "Fused embedding tables cannot run under torch.inference_mode (fbgemm has no CPU kernel for it): "
                 "create the Trainer with inference_mode=False (the recsys-embed CLI does)."
             )
-        if not isinstance(self.trainer.strategy, TorchRecStrategy):  # that strategy shards (and fuses) the tables
-            fuse_tables(self.net, self.sparse_optimizer, self.trainer.strategy.root_device)
+        if not isinstance(strategy, TorchRecStrategy):  # that strategy shards (and fuses) the tables
+            fuse_tables(self.net, self.sparse_optimizer, strategy.root_device)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.net(batch.dense, batch.sparse)
