@@ -28,11 +28,12 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.fx
 from torch import nn
 from torchrec import (
     EmbeddingBagCollection,
@@ -43,6 +44,7 @@ from torchrec import (
     KeyedTensor,
 )
 
+from recsys_embed.methods.remap import fx_tracing
 from recsys_embed.methods.storage import PRECISION_DATA_TYPE, SparseOptimizer, TableOptions, TableStorage
 
 FP32_BYTES = 4
@@ -251,7 +253,16 @@ class EmbeddingMethod(nn.Module):
         return torch.device("cpu")
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Check the keys (and ids unless ``validate_ids=False``), then :meth:`lookup` in table order."""
+        """Check the keys (and ids unless ``validate_ids=False``), then :meth:`lookup` in table order.
+
+        Traced forms (``torchrec.fx.symbolic_trace``, ``torch.export``): under fx the checks and the key order are
+        one leaf call, run on every input, and the graph assumes a batch of at least one example; under export the
+        key order is fixed by the example input (part of the exported input spec) and ids are not checked (that
+        needs their values).
+        """
+        if fx_tracing():
+            features = checked_features(features, self._feature_names, self._id_bounds())
+            return self.lookup(features)
         features = self._keyed(features)
         if features.stride() == 0:  # TorchRec's collections cannot split an empty batch
             values = torch.zeros(0, sum(self._length_per_key), device=self.device)
@@ -363,39 +374,82 @@ class EmbeddingMethod(nn.Module):
 
     # ---- input checks -----------------------------------------------------------------------------------------
     def _keyed(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Check keys (and ids unless disabled); return the KJT in the tables' feature order."""
-        keys = features.keys()
-        if keys != self._feature_names:
-            missing = [f for f in self._feature_names if f not in keys]
-            if missing:
-                raise ValueError(
-                    f"Input KeyedJaggedTensor lacks features {missing} that the tables read "
-                    f"(got keys {keys}); build the batch with the same feature names as the tables."
-                )
-            features = features.permute([keys.index(f) for f in self._feature_names])
-        if self.validate_ids:
+        """Check keys (and ids unless disabled, or while exporting); return the KJT in the tables' feature order."""
+        features = in_feature_order(features, self._feature_names)
+        if self.validate_ids and not torch.compiler.is_exporting():
             self._check_ids(features)
         return features
 
     def _check_ids(self, features: KeyedJaggedTensor) -> None:
-        values = features.values()
-        if values.numel() == 0:
-            return
-        if values.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"Ids must be int64 (or int32) tensors, got {values.dtype}.")
-        lengths = features.length_per_key()
-        for key, chunk in zip(self._feature_names, torch.split(values, lengths)):
-            if chunk.numel() == 0:
-                continue
-            low, high = int(chunk.min()), int(chunk.max())
-            if low < 0:
-                raise ValueError(
-                    f"Feature {key!r} (table {self._table_of[key]!r}) has negative id {low}; ids must be >= 0. "
-                    "Map missing values to a reserved id when preparing the data."
-                )
-            if key not in self.unbounded_features and high >= self._cardinality[key]:
-                raise ValueError(
-                    f"Feature {key!r} (table {self._table_of[key]!r}) has id {high} outside "
-                    f"[0, {self._cardinality[key]}); raise num_embeddings in the table config, map rare/unseen ids "
-                    "to an OOV id in the data, or use a hashing method."
-                )
+        check_ids(features, self._feature_names, self._cardinality, self.unbounded_features, self._table_of)
+
+    def _id_bounds(self) -> IdBounds | None:
+        """What :func:`check_ids` needs, as plain values an fx graph can hold (None: ``validate_ids=False``)."""
+        if not self.validate_ids:
+            return None
+        return IdBounds(
+            cardinality=dict(self._cardinality), unbounded=sorted(self.unbounded_features), tables=dict(self._table_of)
+        )
+
+
+class IdBounds(NamedTuple):
+    """Per feature: its cardinality, whether its ids may exceed it (hashed), and its table's name."""
+
+    cardinality: dict[str, int]
+    unbounded: list[str]
+    tables: dict[str, str]
+
+
+def in_feature_order(features: KeyedJaggedTensor, names: list[str]) -> KeyedJaggedTensor:
+    """``features`` with its keys in the order ``names`` (permuted if needed); a clear error for missing keys."""
+    keys = features.keys()
+    if keys != names:
+        missing = [f for f in names if f not in keys]
+        if missing:
+            raise ValueError(
+                f"Input KeyedJaggedTensor lacks features {missing} that the tables read "
+                f"(got keys {keys}); build the batch with the same feature names as the tables."
+            )
+        features = features.permute([keys.index(f) for f in names])
+    return features
+
+
+@torch.fx.wrap
+def checked_features(features: KeyedJaggedTensor, names: list[str], bounds: IdBounds | None) -> KeyedJaggedTensor:
+    """:func:`in_feature_order`, then :func:`check_ids` unless ``bounds`` is None: the input checks of a served form
+    as one call (a leaf of an fx graph, so they run on every input of the traced module)."""
+    features = in_feature_order(features, names)
+    if bounds is not None:
+        check_ids(features, names, bounds.cardinality, bounds.unbounded, bounds.tables)
+    return features
+
+
+def check_ids(
+    features: KeyedJaggedTensor,
+    names: list[str],
+    cardinality: Mapping[str, int],
+    unbounded: Collection[str],
+    table_of: Mapping[str, str],
+) -> None:
+    """Ids are int64/int32, ``>= 0`` and below their feature's cardinality (unless the feature is ``unbounded``)."""
+    values = features.values()
+    if values.numel() == 0:
+        return
+    if values.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"Ids must be int64 (or int32) tensors, got {values.dtype}.")
+    lengths = features.length_per_key()
+    for key, chunk in zip(names, torch.split(values, lengths)):
+        if chunk.numel() == 0:
+            continue
+        low, high = int(chunk.min()), int(chunk.max())
+        if low < 0:
+            raise ValueError(
+                f"Feature {key!r} (table {table_of[key]!r}) has negative id {low}; ids must be >= 0. "
+                "Map missing values to a reserved id when preparing the data."
+            )
+        if key not in unbounded and high >= cardinality[key]:
+            raise ValueError(
+                f"Feature {key!r} (table {table_of[key]!r}) has id {high} outside "
+                f"[0, {cardinality[key]}); raise num_embeddings in the table config, map rare/unseen ids "
+                "to an OOV id in the data, or use a hashing method."
+            )
