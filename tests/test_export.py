@@ -3,6 +3,8 @@ and the traced modules give the eager served form's outputs on new batches (othe
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
@@ -56,7 +58,7 @@ def test_fx_trace_of_served_form_equals_eager(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", available_methods())
-def test_fx_traced_served_form_still_checks_ids(name: str) -> None:
+def test_fx_traced_served_form_checks_its_inputs(name: str) -> None:
     module, tables = served(name), make_tables()
     bad = KeyedJaggedTensor(
         keys=[t.feature_names[0] for t in tables],
@@ -64,8 +66,14 @@ def test_fx_traced_served_form_still_checks_ids(name: str) -> None:
         lengths=torch.ones(len(tables), dtype=torch.int64),
         stride=1,
     )
+    traced = trace_serving(module)
     with pytest.raises(ValueError, match="negative id"):
-        trace_serving(module)(bad)
+        traced(bad)
+    empty = KeyedJaggedTensor(
+        keys=bad.keys(), values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int64), stride=0
+    )
+    with pytest.raises(ValueError, match="at least one example"):
+        traced(empty)
 
 
 @pytest.mark.parametrize("name", registry_params())
@@ -73,12 +81,15 @@ def test_export_of_served_form_equals_eager(name: str) -> None:
     tables = make_tables()
     module = served(name)
     program = export_serving(module, batch(tables, 4, 3, seed=1))  # dynamic number of ids and batch size
-    exported = program.module()
-    for seed, (_, size, max_len) in enumerate(BATCHES, start=10):
-        expected = module(batch(tables, size, max_len, seed))
-        got = exported(batch(tables, size, max_len, seed))
-        assert got.keys() == expected.keys() and got.length_per_key() == expected.length_per_key()
-        torch.testing.assert_close(got.values(), expected.values(), rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)  # a serving artifact: it loads with torch and torchrec alone (no recsys_embed)
+    buffer.seek(0)
+    for exported in (program.module(), torch.export.load(buffer).module()):
+        for seed, (_, size, max_len) in enumerate(BATCHES, start=10):
+            expected = module(batch(tables, size, max_len, seed))
+            got = exported(batch(tables, size, max_len, seed))
+            assert got.keys() == expected.keys() and got.length_per_key() == expected.length_per_key()
+            torch.testing.assert_close(got.values(), expected.values(), rtol=0, atol=0)
 
 
 MIXED = [

@@ -256,7 +256,7 @@ class EmbeddingMethod(nn.Module):
         """Check the keys (and ids unless ``validate_ids=False``), then :meth:`lookup` in table order.
 
         Traced forms (``torchrec.fx.symbolic_trace``, ``torch.export``): under fx the checks and the key order are
-        one leaf call, run on every input, and the graph assumes a batch of at least one example; under export the
+        one leaf call, run on every input, and the graph needs a batch of at least one example; under export the
         key order is fixed by the example input (part of the exported input spec) and ids are not checked (that
         needs their values).
         """
@@ -418,6 +418,11 @@ def in_feature_order(features: KeyedJaggedTensor, names: list[str]) -> KeyedJagg
 def checked_features(features: KeyedJaggedTensor, names: list[str], bounds: IdBounds | None) -> KeyedJaggedTensor:
     """:func:`in_feature_order`, then :func:`check_ids` unless ``bounds`` is None: the input checks of a served form
     as one call (a leaf of an fx graph, so they run on every input of the traced module)."""
+    if features.stride() == 0:
+        raise ValueError(
+            "An fx-traced embedding needs a batch of at least one example (got an empty batch): the traced graph has "
+            "no branch for it. Skip empty batches, or run the eager module (it returns a (0, dim) KeyedTensor)."
+        )
     features = in_feature_order(features, names)
     if bounds is not None:
         check_ids(features, names, bounds.cardinality, bounds.unbounded, bounds.tables)

@@ -10,7 +10,8 @@ give the eager served form's outputs on new batches:
   order (the keys are part of the exported input spec) and be built the same way (lengths, and offsets only if
   the example had them); ids are not range-checked. With a dynamic batch, torch.export specialises sizes 0 and 1
   away (as for TorchRec's own ``EmbeddingBagCollection``): the program serves batches of 2 or more; export with
-  ``dynamic_batch=False`` on a batch-1 example to serve single examples.
+  ``dynamic_batch=False`` on a batch-1 example to serve single examples. ``torch.export.save`` writes it as a
+  serving artifact that ``torch.export.load`` reads with torch and torchrec alone (no recsys_embed import).
 
 Example::
 
