@@ -40,6 +40,29 @@ def hot_rows(n: int, rows: int, hot_share: float) -> int:
     return 0 if n <= rows else min(rows - 1, int(round(hot_share * rows)))
 
 
+@torch.fx.wrap
+def hot_positions(
+    ids: torch.Tensor,
+    sizes: list[int] | None,
+    computed: list[int] | None,
+    hashed: list[bool],
+    first: list[int],
+    hot_keys: torch.Tensor,
+    hot: int,
+) -> torch.Tensor:
+    """Per id of a folded feature: its position among its table's ``hot`` sorted hot ids (one ``searchsorted``
+    per feature; an fx leaf). ``ids`` are :class:`IdLayout`'s: ``(F', L)`` rows (``sizes`` None) or flat with
+    ``sizes`` ids per feature; ``computed`` are its features (None: all, in order); feature ``f``'s hot ids start at
+    ``first[f]``."""
+    position = torch.zeros_like(ids, dtype=torch.int64)
+    queries = ids.unbind(0) if sizes is None else ids.split(sizes)
+    found = position.unbind(0) if sizes is None else position.split(sizes)
+    for f, query, out in zip(computed if computed is not None else range(len(sizes)), queries, found):  # type: ignore[arg-type]
+        if hashed[f]:
+            torch.searchsorted(hot_keys[first[f] : first[f] + hot], query, out=out)
+    return position
+
+
 @register("adapt")
 class AdaptiveHotCold(RemapMethod):
     """Top ``hot_share * rows`` ids by frequency get own rows; the others hash into the remaining rows."""
@@ -122,11 +145,8 @@ class AdaptiveHotCold(RemapMethod):
         ids, hot, cold = layout.ids, self._hot, self.rows - self._hot  # every folded table has the same split
         rows = mix_to_buckets(ids + layout.spread(seed_offset(self.seeds[self.feature_table])), cold).add_(hot)
         if hot and self._hashed_index:
-            position = torch.zeros_like(ids, dtype=torch.int64)  # one searchsorted per folded feature
-            for f, queries, found in zip(layout.computed, layout.pieces(ids), layout.pieces(position)):
-                if self.hashed_list[f]:
-                    first = self.first_list[f]
-                    torch.searchsorted(self.hot_keys[first : first + hot], queries, out=found)
+            sizes = None if layout.uniform else layout.sizes
+            position = hot_positions(ids, sizes, layout.computed, self.hashed_list, self.first_list, self.hot_keys, hot)
             index = position.clamp(max=hot - 1).add_(layout.spread(self.first_key))
             is_hot = self.hot_keys.index_select(0, index.view(-1)).view_as(ids) == ids
             rows = torch.where(is_hot, position, rows)

@@ -30,10 +30,12 @@ import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.fx
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec import (
     EmbeddingBagCollection,
     EmbeddingBagConfig,
@@ -258,7 +260,16 @@ class EmbeddingMethod(nn.Module):
         return torch.device("cpu")
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Check the keys (and ids unless ``validate_ids=False``), then :meth:`lookup` in table order."""
+        """Check the keys (and ids unless ``validate_ids=False``), then :meth:`lookup` in table order.
+
+        Traced forms (``torchrec.fx.symbolic_trace``, ``torch.export``): under fx the checks and the key order are
+        one leaf call, run on every input, and the graph needs a batch of at least one example; under export the
+        key order is fixed by the example input (part of the exported input spec) and ids are not checked (that
+        needs their values).
+        """
+        if is_fx_symbolic_tracing():
+            features = checked_features(features, self._feature_names, self._id_bounds())
+            return self.lookup(features)
         features = self._keyed(features)
         if features.stride() == 0:  # TorchRec's collections cannot split an empty batch
             values = torch.zeros(0, sum(self._length_per_key), device=self.device)
@@ -385,56 +396,104 @@ class EmbeddingMethod(nn.Module):
 
     # ---- input checks -----------------------------------------------------------------------------------------
     def _keyed(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Check keys (and ids unless disabled); return the KJT in the tables' feature order."""
-        if features.weights_or_none() is not None:
-            raise ValueError(
-                "The KeyedJaggedTensor carries per-id weights, which recsys_embed methods do not apply (they would "
-                "be ignored silently): build the batch without weights=, or scale the pooled embeddings in the model."
-            )
-        keys = features.keys()
-        if keys != self._feature_names:
-            missing = [f for f in self._feature_names if f not in keys]
-            if missing:
-                raise ValueError(
-                    f"Input KeyedJaggedTensor lacks features {missing} that the tables read "
-                    f"(got keys {keys}); build the batch with the same feature names as the tables."
-                )
-            features = features.permute([keys.index(f) for f in self._feature_names])
-        if self.validate_ids:
+        """Check keys (and ids unless disabled, or while exporting); return the KJT in the tables' feature order."""
+        features = in_feature_order(features, self._feature_names)
+        if self.validate_ids and not torch.compiler.is_exporting():
             self._check_ids(features)
         return features
 
     def _check_ids(self, features: KeyedJaggedTensor) -> None:
-        values = features.values()
-        if values.numel() == 0:
-            return
-        if values.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"Ids must be int64 (or int32) tensors, got {values.dtype}.")
-        lengths = features.length_per_key()
-        for key, chunk in zip(self._feature_names, torch.split(values, lengths)):
-            if chunk.numel() == 0:
-                continue
-            low, high = int(chunk.min()), int(chunk.max())
-            if low < 0:
-                raise ValueError(
-                    f"Feature {key!r} (table {self._table_of[key]!r}) has negative id {low}; ids must be >= 0. "
-                    "Map missing values to a reserved id when preparing the data."
-                )
-            if key not in self.unbounded_features and high >= self._cardinality[key]:
-                raise ValueError(self._out_of_range_message(key, high))
+        check_ids(features, self._feature_names, self._id_bounds(force=True))
 
-    def _out_of_range_message(self, key: str, high: int) -> str:
-        """What an id past the cardinality means, and what to do, in the user's terms (CLI and Python)."""
-        n = self._cardinality[key]
-        if self.unbounded_features:
-            why = (
-                f"method {self.name!r} hashes other features but keeps this one's table unhashed (it has no more "
-                "ids than the method's rows), so its ids must be in range"
-            )
-        else:
-            why = f"method {self.name!r} has one row (or one row's code) per id, so ids must be in range"
-        return (
-            f"Feature {key!r} has id {high}, but it was declared with {n} ids (0..{n - 1}): {why}. The count comes "
-            "from the data's schema.json (CLI) or the table's num_embeddings (Python): rebuild the data with its "
-            "data script so that unseen and rare ids map to the OOV id, or declare a larger cardinality."
+    def _id_bounds(self, force: bool = False) -> IdBounds | None:
+        """What :func:`check_ids` needs, as plain values an fx graph can hold (None: ``validate_ids=False``)."""
+        if not (self.validate_ids or force):
+            return None
+        return IdBounds(
+            method=self.name,
+            cardinality=dict(self._cardinality),
+            unbounded=sorted(self.unbounded_features),
+            tables=dict(self._table_of),
         )
+
+
+class IdBounds(NamedTuple):
+    """Per feature: its cardinality, whether its ids may exceed it (hashed), and its table's name."""
+
+    method: str
+    cardinality: dict[str, int]
+    unbounded: list[str]
+    tables: dict[str, str]
+
+
+def in_feature_order(features: KeyedJaggedTensor, names: list[str]) -> KeyedJaggedTensor:
+    """``features`` with its keys in the order ``names`` (permuted if needed); a clear error for missing keys and
+    for per-id weights (which no method applies)."""
+    if features.weights_or_none() is not None:
+        raise ValueError(
+            "The KeyedJaggedTensor carries per-id weights, which recsys_embed methods do not apply (they would "
+            "be ignored silently): build the batch without weights=, or scale the pooled embeddings in the model."
+        )
+    keys = features.keys()
+    if keys != names:
+        missing = [f for f in names if f not in keys]
+        if missing:
+            raise ValueError(
+                f"Input KeyedJaggedTensor lacks features {missing} that the tables read "
+                f"(got keys {keys}); build the batch with the same feature names as the tables."
+            )
+        features = features.permute([keys.index(f) for f in names])
+    return features
+
+
+@torch.fx.wrap
+def checked_features(features: KeyedJaggedTensor, names: list[str], bounds: IdBounds | None) -> KeyedJaggedTensor:
+    """:func:`in_feature_order`, then :func:`check_ids` unless ``bounds`` is None: the input checks of a served form
+    as one call (a leaf of an fx graph, so they run on every input of the traced module)."""
+    if features.stride() == 0:
+        raise ValueError(
+            "An fx-traced embedding needs a batch of at least one example (got an empty batch): the traced graph has "
+            "no branch for it. Skip empty batches, or run the eager module (it returns a (0, dim) KeyedTensor)."
+        )
+    features = in_feature_order(features, names)
+    if bounds is not None:
+        check_ids(features, names, bounds)
+    return features
+
+
+def check_ids(features: KeyedJaggedTensor, names: list[str], bounds: IdBounds) -> None:
+    """Ids are int64/int32, ``>= 0`` and below their feature's cardinality (unless the feature is ``unbounded``)."""
+    values = features.values()
+    if values.numel() == 0:
+        return
+    if values.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"Ids must be int64 (or int32) tensors, got {values.dtype}.")
+    lengths = features.length_per_key()
+    for key, chunk in zip(names, torch.split(values, lengths)):
+        if chunk.numel() == 0:
+            continue
+        low, high = int(chunk.min()), int(chunk.max())
+        if low < 0:
+            raise ValueError(
+                f"Feature {key!r} (table {bounds.tables[key]!r}) has negative id {low}; ids must be >= 0. "
+                "Map missing values to a reserved id when preparing the data."
+            )
+        if key not in bounds.unbounded and high >= bounds.cardinality[key]:
+            raise ValueError(out_of_range_message(bounds, key, high))
+
+
+def out_of_range_message(bounds: IdBounds, key: str, high: int) -> str:
+    """What an id past the cardinality means, and what to do, in the user's terms (CLI and Python)."""
+    n = bounds.cardinality[key]
+    if bounds.unbounded:
+        why = (
+            f"method {bounds.method!r} hashes other features but keeps this one's table unhashed (it has no more "
+            "ids than the method's rows), so its ids must be in range"
+        )
+    else:
+        why = f"method {bounds.method!r} has one row (or one row's code) per id, so ids must be in range"
+    return (
+        f"Feature {key!r} has id {high}, but it was declared with {n} ids (0..{n - 1}): {why}. The count comes "
+        "from the data's schema.json (CLI) or the table's num_embeddings (Python): rebuild the data with its "
+        "data script so that unseen and rare ids map to the OOV id, or declare a larger cardinality."
+    )

@@ -8,6 +8,7 @@ errors and the result does not depend on Python's ``hash()`` randomisation.
 from __future__ import annotations
 
 import torch
+import torch.fx
 
 _MASK64 = (1 << 64) - 1
 
@@ -31,7 +32,7 @@ def seed_offset(seed: torch.Tensor | int) -> torch.Tensor | int:
 
     Precompute it once per feature (it only depends on the seed) and hash with :func:`mix_to_buckets`.
     """
-    if isinstance(seed, torch.Tensor):
+    if isinstance(seed, (torch.Tensor, torch.fx.Proxy)):  # a proxy while torch.fx traces a served form
         return (seed.to(torch.int64) + 1) * _GOLDEN  # int64 multiply wraps like the unsigned one
     return _signed((int(seed) + 1) * _GOLDEN)
 
@@ -66,8 +67,15 @@ def mix_to_buckets(z: torch.Tensor, buckets: torch.Tensor | int) -> torch.Tensor
     """Finish :func:`hash_to_buckets` from ``z = ids + seed_offset(seed)``; ``z`` is overwritten (pass a temporary).
 
     Same values as ``hash_to_buckets(ids, seed, buckets)``, with the per-feature seed constants precomputed and
-    every step in place (a whole batch hashes with few temporaries).
+    every step in place (a whole batch hashes with few temporaries). One call in a ``torch.fx`` graph (a leaf: fx
+    cannot record the in-place steps).
     """
+    return _mixed_to_buckets(z, buckets)
+
+
+@torch.fx.wrap
+def _mixed_to_buckets(z: torch.Tensor, buckets: torch.Tensor | int) -> torch.Tensor:
+    """:func:`mix_to_buckets`'s body (``torch.fx.wrap`` patches this module's global, so callers elsewhere trace)."""
     _mix_(z)
     z &= _POSITIVE
     if isinstance(buckets, int) or torch.broadcast_shapes(z.shape, buckets.shape) == z.shape:

@@ -144,10 +144,10 @@ class MixedDimEmbedding(EmbeddingMethod):
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         pooled = self.tables(features).values()
-        parts = torch.split(pooled, self._split, dim=1)
+        parts = torch.split(pooled, self._split, dim=1)  # indexed, not iterated: an fx proxy has no length
         out = [
-            self.projections[name](part) if name in self.projections else part
-            for part, name in zip(parts, self._projection_of)
+            self.projections[name](parts[i]) if name in self.projections else parts[i]
+            for i, name in enumerate(self._projection_of)
         ]
         return keyed(torch.cat(out, dim=1), self._feature_names, self._length_per_key)
 

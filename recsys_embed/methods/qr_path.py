@@ -43,7 +43,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 from recsys_embed.methods.base import FP32_BYTES, Budget, check_tables, full_bytes
 from recsys_embed.methods.qr import BaseChoices, allocate_bases
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import RemapMethod, keyed, per_value
+from recsys_embed.methods.remap import RemapMethod, keyed, make_kjt, per_value
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class _ApplyMaps(torch.autograd.Function):
         ctx.save_for_backward(maps, per_id, index, offsets, lookups, bag)
         columns = maps.transpose(1, 2).reshape(-1, d)  # row r * d + k is column k of map r
         return embedding_bag(
-            lookups, columns, offsets * d, mode="sum", per_sample_weights=per_id.view(-1), include_last_offset=True
-        )
+            lookups, columns, offsets * d, mode="sum", per_sample_weights=per_id.reshape(-1), include_last_offset=True
+        )  # reshape: ``rows`` is a strided column slice when one id per bag meets several runs of dims
 
     @staticmethod
     @once_differentiable
@@ -133,7 +133,7 @@ def _batch_major(lengths: torch.Tensor, ids: int) -> tuple[torch.Tensor, torch.T
     id in batch-major order (bag ``(b, f)`` first by ``b``, as TorchRec's pooled output), the batch-major bag
     offsets, and the batch-major bag of every id (None when every bag holds one id)."""
     bags, device = lengths.numel(), lengths.device
-    if ids == bags and bool((lengths == 1).all()):
+    if not torch.compiler.is_exporting() and ids == bags and bool((lengths == 1).all()):  # (data-dependent)
         order = torch.arange(bags, device=device).view(lengths.shape).t().reshape(-1)
         return order, torch.arange(bags + 1, device=device), None
     by_batch = lengths.t().reshape(-1)
@@ -143,6 +143,29 @@ def _batch_major(lengths: torch.Tensor, ids: int) -> tuple[torch.Tensor, torch.T
     bag = torch.repeat_interleave(torch.arange(bags, device=device), by_batch, output_size=ids)
     order = first[bag] + torch.arange(ids, device=device) - offsets[bag]
     return order, offsets, bag
+
+
+@torch.fx.wrap
+def _mapped_run(
+    maps: torch.Tensor,
+    rows: torch.Tensor,
+    lengths: torch.Tensor,
+    maps_of_ids: torch.Tensor,
+    per_key: list[int],
+    first: int,
+    end: int,
+    batch: int,
+) -> torch.Tensor:
+    """``(B, count * d)``: features ``first .. end - 1`` (one run of equal dims) with their maps applied to their
+    pooled quotient ``rows``; ``per_key`` ids per feature (an fx leaf: the ids' positions depend on the lengths)."""
+    d, count = maps.shape[-1], end - first
+    start, stop = sum(per_key[:first]), sum(per_key[:end])
+    order, offsets, bag = _batch_major(lengths[first * batch : end * batch].view(count, batch), stop - start)
+    index = maps_of_ids[start:stop][order]
+    narrow = not torch.compiler.is_exporting() and (stop - start) * d < 2**31  # (a data-dependent test)
+    if maps.shape[0] * d < 2**31 and narrow:  # int32 lookups: less memory traffic
+        index, offsets = index.to(torch.int32), offsets.to(torch.int32)
+    return _ApplyMaps.apply(maps, rows, index, offsets, bag).view(batch, count * d)
 
 
 @register("qr_path")
@@ -220,22 +243,16 @@ class QRPathEmbedding(RemapMethod):
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         batch, lengths, per_key = features.stride(), features.lengths(), features.length_per_key()
         quotients, maps_of_ids = self._digits(features)
-        physical = KeyedJaggedTensor(keys=features.keys(), values=quotients, lengths=lengths, stride=batch)
+        physical = make_kjt(features.keys(), quotients, lengths, batch)
         pooled = self.tables(physical).values()  # (B, sum d): each bag's pooled quotient rows, batch-major
         out, column = [], 0
         for run, first, end in self._runs:
             d, count = self._tables[run[0]].embedding_dim, end - first
-            start, stop = sum(per_key[:first]), sum(per_key[:end])
-            order, offsets, bag = _batch_major(lengths[first * batch : end * batch].view(count, batch), stop - start)
             stacked = [self.maps[self._tables[i].name] for i in run]
             maps = torch.cat(stacked) if len(stacked) > 1 else stacked[0]
-            index = maps_of_ids[start:stop][order]
-            if maps.shape[0] * d < 2**31 and (stop - start) * d < 2**31:  # int32 lookups: less memory traffic
-                index, offsets = index.to(torch.int32), offsets.to(torch.int32)
-            # a view when one run holds every table; a copy (made contiguous) otherwise
-            rows = pooled[:, column : column + count * d].reshape(-1, d).contiguous()
+            rows = pooled[:, column : column + count * d].reshape(-1, d)  # a view when one run holds every table
             column += count * d
-            out.append(_ApplyMaps.apply(maps, rows, index, offsets, bag).view(batch, count * d))
+            out.append(_mapped_run(maps, rows, lengths, maps_of_ids, per_key, first, end, batch))
         return keyed(torch.cat(out, dim=1) if len(out) > 1 else out[0], self._feature_names, self._length_per_key)
 
     def memory_bytes(self) -> int:

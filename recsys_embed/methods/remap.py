@@ -8,6 +8,11 @@ rows combine (``sum`` in the bag, ``product``, ``concat``; ``k = 1`` needs none)
 as blocks of bags of one feature for a shared table), the one TorchRec lookup, and the combine back to the logical
 ``KeyedTensor``. :meth:`RemapMethod.reference_rows` restates the id map per id in plain Python; a registry-wide
 test checks the vectorized map against it.
+
+Served forms trace with ``torchrec.fx.symbolic_trace`` and ``torch.export`` (as TorchRec's own modules do): the
+steps that decide in Python from the ids (per-feature id counts, slicing per feature, building a KJT) are small
+``torch.fx.wrap`` functions, leaf calls of an fx graph; while tracing, :class:`IdLayout` takes the layout that fits
+any lengths instead of choosing one from the data (eager runs keep their fast paths, with the same operations).
 """
 
 from __future__ import annotations
@@ -17,12 +22,50 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+import torch.fx
 from torch.autograd.function import once_differentiable
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec import KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import EmbeddingMethod
 
 Combine = Literal["sum", "product", "concat"]
+
+
+def fx_tracing() -> bool:
+    """Whether ``torch.fx`` symbolic tracing runs (the KJT and tensors are proxies: no Python decision on them)."""
+    return is_fx_symbolic_tracing()
+
+
+def tracing() -> bool:
+    """Whether ``torch.fx`` or ``torch.export`` traces the forward: take paths that hold for any ids and lengths."""
+    return is_fx_symbolic_tracing() or torch.compiler.is_exporting()
+
+
+@torch.fx.wrap
+def key_lengths(features: KeyedJaggedTensor) -> torch.Tensor:
+    """``(F,)`` int64: the number of ids of each feature (``length_per_key()`` as a tensor); an fx leaf."""
+    if torch.compiler.is_exporting():  # from the lengths, not a list of data-dependent sizes
+        return features.lengths().view(len(features.keys()), -1).sum(1)
+    return torch.tensor(features.length_per_key(), device=features.values().device)
+
+
+@torch.fx.wrap
+def make_kjt(keys: list[str], values: torch.Tensor, lengths: torch.Tensor, stride: int) -> KeyedJaggedTensor:
+    """``KeyedJaggedTensor(keys, values, lengths, stride)``; an fx leaf, so the new KJT is traced like an input."""
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=stride)
+
+
+@torch.fx.wrap
+def copies_per_feature(rows: torch.Tensor, sizes: list[int], copies: list[int], id_major: bool) -> torch.Tensor:
+    """The ids of ``(k, N)`` ``rows`` feature by feature (``sizes`` ids each), ``copies[f]`` copies of feature ``f``:
+    copy 0's ids, then copy 1's (``id_major=False``), or each id's copies side by side (``id_major=True``)."""
+    pieces, start = [], 0
+    for k, size in zip(copies, sizes):
+        block = rows[:k, start : start + size]
+        pieces.append((block.T if id_major else block).reshape(-1))
+        start += size
+    return torch.cat(pieces)
 
 
 def physical_keys(features: list[str], copies: list[int]) -> list[str]:
@@ -32,16 +75,13 @@ def physical_keys(features: list[str], copies: list[int]) -> list[str]:
 
 def value_features(features: KeyedJaggedTensor) -> torch.Tensor:
     """The feature index of every id of the KJT (ids are feature-major); ``per_feature[index]`` broadcasts."""
-    values = features.values()
-    lengths = torch.tensor(features.length_per_key(), device=values.device)
-    return torch.arange(len(lengths), device=values.device).repeat_interleave(lengths, output_size=values.numel())
+    values, lengths = features.values(), key_lengths(features)
+    return torch.arange(lengths.shape[0], device=values.device).repeat_interleave(lengths, output_size=values.numel())
 
 
 def per_value(per_feature: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
     """``per_feature[value_features(features)]`` (one entry per id), as one ``repeat_interleave``."""
-    values = features.values()
-    lengths = torch.tensor(features.length_per_key(), device=values.device)
-    return per_feature.repeat_interleave(lengths, output_size=values.numel())
+    return per_feature.repeat_interleave(key_lengths(features), output_size=features.values().numel())
 
 
 class IdLayout:
@@ -55,10 +95,17 @@ class IdLayout:
 
     ``subset`` (sorted feature indices) names the features a method rewrites (e.g. the hashed ones); in the
     uniform layout only their rows are gathered into :attr:`ids`, and :meth:`merge` puts the results back among
-    the untouched ids of the other features. :attr:`computed` lists the features whose ids :attr:`ids` holds.
+    the untouched ids of the other features. :attr:`computed` lists the features whose ids :attr:`ids` holds (None
+    while fx traces: every feature, in order).
+
+    While ``torch.fx`` or ``torch.export`` traces (:func:`tracing`), the layout is the flat one whatever the
+    lengths, because the choice would depend on the data (the results are the same).
     """
 
     def __init__(self, features: KeyedJaggedTensor, subset: list[int] | None = None) -> None:
+        if tracing():
+            self._flat_for_any_lengths(features)
+            return
         values, lengths = features.values(), features.length_per_key()
         self.values, self.sizes = values, lengths
         self.uniform = bool(lengths) and lengths.count(lengths[0]) == len(lengths)
@@ -74,6 +121,15 @@ class IdLayout:
         else:
             self.ids = values
             self._lengths = torch.tensor(lengths, device=values.device)
+
+    def _flat_for_any_lengths(self, features: KeyedJaggedTensor) -> None:
+        """The flat layout, decided without the data (for tracing): :attr:`ids` are the values, every feature."""
+        self.values = self.ids = features.values()
+        self.sizes = features.length_per_key()  # an fx node / data-dependent sizes under export: used by pieces()
+        self.uniform = False
+        self.computed = None if fx_tracing() else list(range(len(features.keys())))
+        self._subset = None
+        self._lengths = key_lengths(features)
 
     def spread(self, per_feature: torch.Tensor) -> torch.Tensor:
         """A ``(..., F)`` per-feature tensor shaped to broadcast against :attr:`ids` (``(..., F', 1)``/``(..., N)``)."""
@@ -116,26 +172,24 @@ class FanOut:
 
     def __call__(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
         values, lengths = self.fan(features, rows)
-        return KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=features.stride())
+        return make_kjt(self.keys, values, lengths, features.stride())
 
     def fan(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Values and lengths of the fanned-out KJT: per feature, copy 0's bags, then copy 1's, ...
 
         ``rows`` is ``(k, N)``, or ``(k, F, L)`` for a batch with ``L`` ids per feature (:class:`IdLayout`'s uniform
         layout), which is taken as one reshape (a view when ``rows`` is stored feature-major) if every copy is live.
+        ``k`` is the most copies of any feature (``self.most``).
         """
-        copies = rows.shape[0]
-        if rows.dim() == 3:
+        copies = self.most
+        if not fx_tracing() and rows.dim() == 3:  # never while fx traces (IdLayout is flat then)
             if self.live is None:
                 return rows.transpose(0, 1).reshape(-1), self._lengths(features, copies)
             rows = rows.flatten(1)
         if copies == 1:
             return rows[0], features.lengths()
-        pieces, start = [], 0
-        for live, size in zip(self.copies, features.length_per_key()):
-            pieces.append(rows[:live, start : start + size].reshape(-1))  # copy 0's ids, then copy 1's, ...
-            start += size
-        return torch.cat(pieces), self._lengths(features, copies)
+        values = copies_per_feature(rows, features.length_per_key(), self.copies, False)  # copy 0's ids, copy 1's..
+        return values, self._lengths(features, copies)
 
     def _lengths(self, features: KeyedJaggedTensor, copies: int) -> torch.Tensor:
         """Bag lengths of the fanned-out KJT: each feature's lengths once per copy, zero for muted copies."""
@@ -170,9 +224,7 @@ class BatchFanOut(FanOut):
 
     def __call__(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
         values, lengths = self.fan(features, rows)
-        return KeyedJaggedTensor(
-            keys=self.keys, values=values, lengths=lengths, stride=features.stride() * rows.shape[0]
-        )
+        return make_kjt(self.keys, values, lengths, features.stride() * self.most)
 
 
 def as_one_feature(features: KeyedJaggedTensor, key: str) -> KeyedJaggedTensor:
@@ -181,6 +233,12 @@ def as_one_feature(features: KeyedJaggedTensor, key: str) -> KeyedJaggedTensor:
     For a table read by several features: fbgemm's CPU backward takes its fast row-wise path only when one feature
     reads a table, and the pooled ``(F * B, d)`` output views back as ``(F, B, d)``.
     """
+    return _as_one_feature(features, key)
+
+
+@torch.fx.wrap
+def _as_one_feature(features: KeyedJaggedTensor, key: str) -> KeyedJaggedTensor:
+    """:func:`as_one_feature`'s body, an fx leaf (it reads the number of keys)."""
     stride = features.stride() * len(features.keys())
     return KeyedJaggedTensor(keys=[key], values=features.values(), lengths=features.lengths(), stride=stride)
 
@@ -221,14 +279,9 @@ class BagFold:
 
     def __call__(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
         rows = rows.flatten(1)  # (k, F, L) -> (k, N)
-        pieces, start = [], 0
-        for k, size in zip(self._copies, features.length_per_key()):
-            pieces.append(rows[:k, start : start + size].T.reshape(-1))  # id i -> its k rows, side by side
-            start += size
+        values = copies_per_feature(rows, features.length_per_key(), self._copies, True)  # id i -> its k rows
         lengths = features.lengths().view(len(self.features), -1) * self.copies.to(rows.device).unsqueeze(1)
-        return KeyedJaggedTensor(
-            keys=self.features, values=torch.cat(pieces), lengths=lengths.reshape(-1), stride=features.stride()
-        )
+        return make_kjt(self.features, values, lengths.reshape(-1), features.stride())
 
 
 class _PartitionProduct(torch.autograd.Function):
@@ -301,8 +354,7 @@ class RemapExecutor:
 
     def __call__(self, features: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
         """The physical KJT for ``rows`` (``(k, F, L)`` or ``(k, N)``: copy ``c`` of every id)."""
-        if rows.shape[0] > self.most:  # an id map may compute more copies than any feature keeps
-            rows = rows[: self.most]
+        rows = rows[: self.most]  # an id map may compute more copies than any feature keeps (a view otherwise)
         physical = self.rewrite(features, rows)
         return as_one_feature(physical, self.shared) if self.shared is not None else physical
 
