@@ -116,7 +116,10 @@ def method_info(name: str, tables: Sequence[EmbeddingBagConfig]) -> MethodInfo:
     cls = method_class(name)
     idea, memory, paper = _docstring_parts(cls)
     ratios, why_not = reachable_ratios(name, tables)
-    stages = [s.name for s in cls.stages(cls.__new__(cls))]  # stages() does not read instance state
+    try:  # stages() may read the built form; a meta-device build costs no memory
+        stages = [s.name for s in _build(name, tables, Budget(ratio=1)).stages()]
+    except ValueError:
+        stages = [s.name for s in cls.stages(cls.__new__(cls))]  # not buildable here: the class's own list
     return MethodInfo(name, cls.version, idea, memory, paper, options_of(cls), stages, ratios, why_not)
 
 

@@ -39,6 +39,7 @@ class StagedToy(EmbeddingMethod):
     """Full tables times a per-field scale: learnt (with an L2 pull to 1) in ``warmup``, frozen in ``frozen``."""
 
     version = 3
+    training_state = ("hook_calls",)  # a training counter: not served
 
     def __init__(
         self,

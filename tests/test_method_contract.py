@@ -304,6 +304,7 @@ def test_every_method_declares_its_tables(name: str) -> None:
     declared = {s.path for s in emb.storage()}
     collections = {n for n, m in emb.named_children() if isinstance(m, EmbeddingBagCollection)}
     assert declared and collections <= declared
+    assert sum(s.bytes() for s in emb.storage()) <= emb.memory_bytes()  # rows at their declared precision counted
     assert method_class(name).version >= 1
 
 

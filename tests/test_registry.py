@@ -149,3 +149,15 @@ def test_the_readme_methods_table_is_the_generated_one() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = render_markdown([method_info(n, default_tables()) for n in available_methods()])
     assert table in readme, "README's methods table is stale: regenerate it with `recsys-embed methods --markdown`"
+
+
+def test_a_subclass_without_its_own_constructor_records_its_options() -> None:
+    """config() is the options of the call the user made, whichever class's constructor ran."""
+    from recsys_embed.methods.hashing import HashEmbedding
+
+    class Inherited(HashEmbedding):
+        pass
+
+    emb = Inherited(make_tables(), rows=10, seed=3)
+    assert emb.config()["rows"] == 10 and emb.config()["seed"] == 3
+    assert Inherited.from_config(make_tables(), emb.config()).config() == emb.config()

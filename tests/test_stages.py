@@ -159,3 +159,28 @@ def test_the_benchmark_runs_every_stage(toy: type, tmp_path: Path) -> None:
     assert staged["training_bytes"] > staged["memory_bytes"]  # the hook counter is training-only state
     assert full["training_bytes"] == full["memory_bytes"]
     assert set(json.loads(full["stage_times"])["stages"]) == {"train"}
+
+
+def test_served_form_of_each_stage_drops_training_state_and_keeps_the_outputs(toy: type) -> None:
+    """The contract test's served-form check, on the staged toy: its hook counter is training state only."""
+    from tests.conftest import make_tables, random_kjt
+
+    tables = make_tables()
+    warm = toy(tables)
+    frozen = warm.next_stage()
+    kjt = random_kjt(tables, batch=5)
+    for form in (warm, frozen):
+        served = form.to_serving()
+        assert not hasattr(served, "hook_calls")
+        assert sum(t.numel() * t.element_size() for t in served.state_dict().values()) == form.memory_bytes()
+        torch.testing.assert_close(served(kjt).values(), form(kjt).values())
+
+
+def test_a_default_served_form_that_does_not_match_memory_bytes_is_a_clear_error(toy: type) -> None:
+    from tests.conftest import make_tables
+
+    class Leaky(toy):  # type: ignore[misc, valid-type]
+        training_state = ()  # forgets that hook_calls is training-only
+
+    with pytest.raises(ValueError, match=r"served form stores \d+ bytes but memory_bytes\(\) says \d+"):
+        Leaky(make_tables()).to_serving()

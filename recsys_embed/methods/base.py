@@ -30,7 +30,7 @@ import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
@@ -46,6 +46,8 @@ from torchrec import (
 )
 from torchrec.modules.embedding_configs import PoolingType
 
+from recsys_embed.methods import checks
+from recsys_embed.methods.checks import IdBounds, check_ids, in_feature_order
 from recsys_embed.methods.storage import PRECISION_DATA_TYPE, SparseOptimizer, TableOptions, TableStorage
 
 FP32_BYTES = 4
@@ -172,6 +174,8 @@ class EmbeddingMethod(nn.Module):
     version: ClassVar[int] = 1
     #: constructor options that are data or placement, not knobs (left out of :meth:`config`)
     config_exclude: ClassVar[tuple[str, ...]] = ("device",)
+    #: parameters and buffers the trained form keeps and the default :meth:`to_serving` drops (counters, shadows)
+    training_state: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Wrap each subclass ``__init__`` so the options it was built with are recorded for :meth:`config`."""
@@ -182,8 +186,14 @@ class EmbeddingMethod(nn.Module):
 
         @functools.wraps(init)
         def init_recording_options(self: EmbeddingMethod, tables: Sequence[EmbeddingBagConfig], **options: Any) -> None:
-            init(self, tables, **options)
-            if type(self) is cls:  # the most derived constructor records
+            outermost = not self.__dict__.get("_building", False)  # the call the user made records its options
+            self.__dict__["_building"] = True
+            try:
+                init(self, tables, **options)
+            finally:
+                if outermost:
+                    self.__dict__["_building"] = False
+            if outermost:
                 self._options = dict(options)
 
         cls.__init__ = init_recording_options  # type: ignore[method-assign]
@@ -268,7 +278,7 @@ class EmbeddingMethod(nn.Module):
         needs their values).
         """
         if is_fx_symbolic_tracing():
-            features = checked_features(features, self._feature_names, self._id_bounds())
+            features = checks.checked_features(features, self._feature_names, self._id_bounds())
             return self.lookup(features)
         features = self._keyed(features)
         if features.stride() == 0:  # TorchRec's collections cannot split an empty batch
@@ -295,10 +305,20 @@ class EmbeddingMethod(nn.Module):
         """The served form, in eval mode: same ``KJT -> KeyedTensor`` outputs, exactly ``memory_bytes()`` stored.
 
         Default, for methods whose trained form is their served form: a fresh plain (unfused) copy built from
-        :meth:`config`, with this form's weights.
+        :meth:`config`, with this form's weights, without :attr:`training_state`. A method whose served form
+        differs (codes instead of a query table, kept rows only) overrides it.
         """
-        served = type(self).from_config(self._tables, self.config())
-        served.load_state_dict({k: v.detach().cpu() for k, v in self.state_dict().items()})
+        served = type(self).from_config(self._tables, self.config(), device=self.device)
+        served.load_state_dict({k: v.detach() for k, v in self.state_dict().items()})
+        for name in self.training_state:
+            delattr(served, name)
+        stored = sum(t.numel() * t.element_size() for t in served.state_dict().values())
+        if stored != self.memory_bytes():
+            raise ValueError(
+                f"Method {self.name!r}: its served form stores {stored} bytes but memory_bytes() says "
+                f"{self.memory_bytes()}: list training-only parameters and buffers in training_state, override "
+                "to_serving(), or fix the memory formula."
+            )
         return served.eval()
 
     def full_bytes(self) -> int:
@@ -415,85 +435,3 @@ class EmbeddingMethod(nn.Module):
             unbounded=sorted(self.unbounded_features),
             tables=dict(self._table_of),
         )
-
-
-class IdBounds(NamedTuple):
-    """Per feature: its cardinality, whether its ids may exceed it (hashed), and its table's name."""
-
-    method: str
-    cardinality: dict[str, int]
-    unbounded: list[str]
-    tables: dict[str, str]
-
-
-def in_feature_order(features: KeyedJaggedTensor, names: list[str]) -> KeyedJaggedTensor:
-    """``features`` with its keys in the order ``names`` (permuted if needed); a clear error for missing keys and
-    for per-id weights (which no method applies)."""
-    if features.weights_or_none() is not None:
-        raise ValueError(
-            "The KeyedJaggedTensor carries per-id weights, which recsys_embed methods do not apply (they would "
-            "be ignored silently): build the batch without weights=, or scale the pooled embeddings in the model."
-        )
-    keys = features.keys()
-    if keys != names:
-        missing = [f for f in names if f not in keys]
-        if missing:
-            raise ValueError(
-                f"Input KeyedJaggedTensor lacks features {missing} that the tables read "
-                f"(got keys {keys}); build the batch with the same feature names as the tables."
-            )
-        features = features.permute([keys.index(f) for f in names])
-    return features
-
-
-@torch.fx.wrap
-def checked_features(features: KeyedJaggedTensor, names: list[str], bounds: IdBounds | None) -> KeyedJaggedTensor:
-    """:func:`in_feature_order`, then :func:`check_ids` unless ``bounds`` is None: the input checks of a served form
-    as one call (a leaf of an fx graph, so they run on every input of the traced module)."""
-    if features.stride() == 0:
-        raise ValueError(
-            "An fx-traced embedding needs a batch of at least one example (got an empty batch): the traced graph has "
-            "no branch for it. Skip empty batches, or run the eager module (it returns a (0, dim) KeyedTensor)."
-        )
-    features = in_feature_order(features, names)
-    if bounds is not None:
-        check_ids(features, names, bounds)
-    return features
-
-
-def check_ids(features: KeyedJaggedTensor, names: list[str], bounds: IdBounds) -> None:
-    """Ids are int64/int32, ``>= 0`` and below their feature's cardinality (unless the feature is ``unbounded``)."""
-    values = features.values()
-    if values.numel() == 0:
-        return
-    if values.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"Ids must be int64 (or int32) tensors, got {values.dtype}.")
-    lengths = features.length_per_key()
-    for key, chunk in zip(names, torch.split(values, lengths)):
-        if chunk.numel() == 0:
-            continue
-        low, high = int(chunk.min()), int(chunk.max())
-        if low < 0:
-            raise ValueError(
-                f"Feature {key!r} (table {bounds.tables[key]!r}) has negative id {low}; ids must be >= 0. "
-                "Map missing values to a reserved id when preparing the data."
-            )
-        if key not in bounds.unbounded and high >= bounds.cardinality[key]:
-            raise ValueError(out_of_range_message(bounds, key, high))
-
-
-def out_of_range_message(bounds: IdBounds, key: str, high: int) -> str:
-    """What an id past the cardinality means, and what to do, in the user's terms (CLI and Python)."""
-    n = bounds.cardinality[key]
-    if bounds.unbounded:
-        why = (
-            f"method {bounds.method!r} hashes other features but keeps this one's table unhashed (it has no more "
-            "ids than the method's rows), so its ids must be in range"
-        )
-    else:
-        why = f"method {bounds.method!r} has one row (or one row's code) per id, so ids must be in range"
-    return (
-        f"Feature {key!r} has id {high}, but it was declared with {n} ids (0..{n - 1}): {why}. The count comes "
-        "from the data's schema.json (CLI) or the table's num_embeddings (Python): rebuild the data with its "
-        "data script so that unseen and rare ids map to the OOV id, or declare a larger cardinality."
-    )

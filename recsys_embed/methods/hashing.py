@@ -10,7 +10,8 @@ features of one table hash alike), or ``rows * d * 4 + 8 * #tables`` when shared
 largest ``rows`` that fits.
 
 Ids of hashed tables may be any int64 >= 0 (also above the declared cardinality): hashing wraps them by
-definition. Tables kept full still reject ids outside ``[0, n)``.
+definition. Tables kept full still reject ids outside ``[0, n)``, except with ``hash="identity"``, which wraps
+every table's ids (``id mod m``, also for tables kept full).
 
 Example::
 
@@ -30,8 +31,10 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, reference_bucket, seed_offset
+from recsys_embed.methods.layouts import IdLayout
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import IdLayout, RemapMethod, largest_fitting
+from recsys_embed.methods.remap import RemapMethod
+from recsys_embed.methods.solvers import largest_fitting
 
 log = logging.getLogger(__name__)
 BAGS = "shared@bags"  # the shared table's one physical feature (fbgemm's fast backward needs one feature per table)

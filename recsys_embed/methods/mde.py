@@ -36,8 +36,8 @@ from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.layouts import keyed
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import keyed
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +117,16 @@ class MixedDimEmbedding(EmbeddingMethod):
         if alpha < 0:
             raise ValueError(f"Method 'mde' needs alpha >= 0 (got {alpha}).")
         self.dims = list(dims) if dims is not None else mixed_dims(self._tables, alpha)
-        if len(self.dims) != len(self._tables) or any(
-            not 1 <= d <= t.embedding_dim or d % TBE_DIM_MULTIPLE for d, t in zip(self.dims, self._tables)
-        ):
-            raise ValueError(
-                f"Method 'mde': dims must give one value per table in [4, embedding_dim], a multiple of "
-                f"{TBE_DIM_MULTIPLE} for fbgemm (got {dims})."
-            )
+        if len(self.dims) != len(self._tables):
+            raise ValueError(f"Method 'mde': dims must give one value per table ({len(self._tables)}), got {dims}.")
+        for d, t in zip(self.dims, self._tables):
+            if not 1 <= d <= t.embedding_dim or d % TBE_DIM_MULTIPLE:
+                source = "dims" if dims is not None else f"alpha={alpha}"
+                raise ValueError(
+                    f"Method 'mde': table {t.name!r} gets dim {d} from {source}, but each dim must be in "
+                    f"[{TBE_DIM_MULTIPLE}, {t.embedding_dim}] and a multiple of {TBE_DIM_MULTIPLE} (fbgemm's kernels); "
+                    f"give embedding_dim a multiple of {TBE_DIM_MULTIPLE} or explicit dims=[...]."
+                )
         self.alpha = alpha
         dev = torch.device(device or "cpu")
         physical = [replace(t, embedding_dim=d) for t, d in zip(self._tables, self.dims)]

@@ -27,8 +27,10 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, Budget, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import mix_to_buckets, reference_bucket, seed_offset
+from recsys_embed.methods.layouts import IdLayout
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import IdLayout, RemapMethod, largest_fitting
+from recsys_embed.methods.remap import RemapMethod
+from recsys_embed.methods.solvers import largest_fitting
 
 log = logging.getLogger(__name__)
 

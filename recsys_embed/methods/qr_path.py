@@ -41,9 +41,10 @@ from torch.nn.functional import embedding_bag
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, Budget, check_tables, full_bytes
-from recsys_embed.methods.qr import BaseChoices, allocate_bases
+from recsys_embed.methods.layouts import keyed, make_kjt, per_value
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import RemapMethod, keyed, make_kjt, per_value
+from recsys_embed.methods.remap import RemapMethod
+from recsys_embed.methods.solvers import BaseChoices, allocate_bases
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -83,8 +82,3 @@ class TableStorage:
         """Stored bytes of the rows: ``sum(rows * dim) * bytes(precision)``."""
         per_value = PRECISION_BYTES[self.options.precision]
         return sum(t.num_embeddings * t.embedding_dim for t in self.configs) * per_value
-
-
-def table_bytes(configs: Sequence[EmbeddingBagConfig | EmbeddingConfig], precision: Precision = "fp32") -> int:
-    """``sum(num_embeddings * embedding_dim) * bytes(precision)`` over physical tables."""
-    return sum(t.num_embeddings * t.embedding_dim for t in configs) * PRECISION_BYTES[precision]

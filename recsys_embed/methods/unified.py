@@ -39,8 +39,9 @@ from recsys_embed.methods.base import (
     full_bytes,
 )
 from recsys_embed.methods.hash_fn import check_hash_name, mix_to_buckets, reference_bucket, seed_offset
+from recsys_embed.methods.layouts import IdLayout
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.remap import IdLayout, RemapMethod
+from recsys_embed.methods.remap import RemapMethod
 
 log = logging.getLogger(__name__)
 BAGS = "unified@bags"  # the shared table's one physical feature

@@ -233,7 +233,13 @@ class CTRTask(pl.LightningModule):
         self.val_auc, self.test_auc = BinaryAUROC(), BinaryAUROC()
         self.val_logloss, self.test_logloss = MeanMetric(), MeanMetric()
         self._pending_optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None
+        self._set_optimization_mode()
         self._log_embedding()
+
+    def _set_optimization_mode(self) -> None:
+        """A stage with its own parameter groups optimizes manually; set before fit, so that Lightning checks the
+        Trainer's settings against it (gradient clipping and accumulation need automatic optimization)."""
+        self.automatic_optimization = not self.embedding.stage_parameter_groups()
 
     def _build_method(self, embedding: EmbeddingSpec, id_counts_dir: str | None) -> EmbeddingMethod:
         options = dict(embedding.options)
@@ -327,11 +333,15 @@ class CTRTask(pl.LightningModule):
                 "checkpoint (CTRTask.from_checkpoint) and advance that one."
             )
         old = self.embedding
-        new = old.next_stage()
-        if new is not old:
-            parent, _, name = next(path for path, module in self.net.named_modules() if module is old).rpartition(".")
-            setattr(self.net.get_submodule(parent) if parent else self.net, name, new)
-            self._method = [new]
+        trained = old.next_stage()
+        # a plain (unfused) form with the trained weights, as a resumed run rebuilds it from the stage checkpoint:
+        # the next fit fuses it afresh, with fresh optimizer state, whether next_stage() built a new module or not
+        new = type(trained).from_config(trained.embedding_bag_configs(), trained.config(), device=trained.device)
+        new.load_state_dict(trained.state_dict())
+        parent, _, name = next(path for path, module in self.net.named_modules() if module is old).rpartition(".")
+        setattr(self.net.get_submodule(parent) if parent else self.net, name, new)
+        self._method = [new]
+        self._set_optimization_mode()
         self._pending_optimizer_state = None  # the previous stage's fused optimizer state does not carry over
         self.hparams["description"] = self.describe()
         log.info("Method %r: stage %r -> %r", old.name, old.stage, new.stage)
@@ -479,7 +489,6 @@ class CTRTask(pl.LightningModule):
         the dense one) and manual optimization."""
         groups = self.embedding.stage_parameter_groups()
         if not groups:
-            self.automatic_optimization = True
             return self.optimizer_factory(dense_parameters(self))
         owned = {id(p) for group in groups for p in group.params}
         dense = self.optimizer_factory([p for p in dense_parameters(self) if id(p) not in owned])
@@ -495,7 +504,6 @@ class CTRTask(pl.LightningModule):
             log.info(
                 "Stage %r: parameter group %r with %s (lr %g)", self.embedding.stage, group.name, cls.__name__, group.lr
             )
-        self.automatic_optimization = False
         return optimizers
 
 

@@ -16,8 +16,8 @@ Running the same command again skips the done stages, resumes the running one fr
 of the last checkpoint; add ``every_n_train_steps`` to the ModelCheckpoint for finer resume points) or, without
 one, restarts it from the previous stage's ``final.ckpt``. ``start="name"`` (``--stage name``) reruns that stage
 and the later ones from the previous stage's final checkpoint. ``state.json`` is replaced atomically, and a stage
-is marked done only after its ``final.ckpt`` is written, so a kill at any point leaves a resumable folder. Stage
-times add up over resumed segments (the segment a kill cut is not counted).
+is marked done only after its ``final.ckpt`` is written, so a kill at any point leaves a resumable folder. A
+stage's recorded time is that of the segment that finished it (time spent before a kill is not counted).
 
 Without a ``stages_dir`` (the benchmark runner) the stages run in memory, one after another, with no checkpoint.
 """
