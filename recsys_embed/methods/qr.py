@@ -17,13 +17,11 @@ pooling sums them. Ids use int64 integer division, never floats.
 Memory: per table ``((k - 1) * b + ceil(n / b^(k-1))) * d' * 4`` bytes with ``d' = d`` (``d / k`` for concat).
 With ``b = 1`` a table degenerates to a full table plus ``k - 1`` constant rows.
 
-Budget solver (:func:`allocate_bases`): each table gets its own base. The rule is *min-max collisions*: the largest
-base over all tables is the smallest that lets the total fit, and the bytes left over then lower the bases of the
-tables with the most collisions first. Why: ``b`` is how many ids share each quotient row, the same meaning in every
-table whatever its size, and a model is limited by its most-shared features; one common collision count is also the
-paper's setting, which this rule reproduces wherever a table can use it (a table never takes a base past its own
-fewest bytes, ``b ~ n^(1/k)``, where more collisions stop saving memory). Every budget down to the sum of each
-table's fewest bytes (the true ceiling for ``k`` partitions) is met. Without ``partitions=``, a budget below the
+Budget solver (:func:`~recsys_embed.methods.solvers.allocate_bases`): each table gets its own base under one byte
+cap for all tables, the largest cap whose total fits: a table that fits under the cap whole stays full (``b = 1``),
+the others take the fewest collisions whose partitions fit the cap (the uniform setting of the paper and of the
+authors' DLRM code, where small tables are left uncompressed). Every budget down to the sum of each table's fewest
+bytes (``b ~ n^(1/k)``, the true ceiling for ``k`` partitions) is met. Without ``partitions=``, a budget below the
 default's ceiling takes the fewest partitions that reach it (logged); a budget below every count's ceiling is an
 error naming that ceiling.
 

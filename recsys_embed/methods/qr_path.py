@@ -15,9 +15,10 @@ with weighted ``torch.nn.functional.embedding_bag`` calls (forward and both grad
 ``d x d`` matrix per id or per bag. The maps start at the identity, so the initial vectors have a full table's scale.
 
 Memory: ``sum_t (b_t * d^2 + ceil(n_t / b_t) * d) * 4`` bytes. The budget solver gives each table its own base by
-``qr``'s rule (:func:`recsys_embed.methods.qr.allocate_bases`): the largest base over the tables is the smallest
-that fits, then leftover bytes lower the most-collided tables first. A table never takes a base past its fewest
-bytes (``b ~ sqrt(n / d)``), so every budget down to the sum of those minima (the true ceiling) is met.
+``qr``'s rule (:func:`recsys_embed.methods.solvers.allocate_bases`): one byte cap for every table, the largest
+that fits; tables under it stay full, the others take the fewest collisions that fit it. A table never takes a base
+past its fewest bytes (``b ~ sqrt(n / d)``), so every budget down to the sum of those minima (the true ceiling) is
+met.
 
 Example::
 
@@ -261,8 +262,8 @@ class QRPathEmbedding(RemapMethod):
 
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> QRPathEmbedding:
-        """Per-table bases by ``qr``'s rule (:func:`~recsys_embed.methods.qr.allocate_bases`: min-max collisions,
-        then the remainder to the most-collided tables)."""
+        """Per-table bases by ``qr``'s rule (:func:`~recsys_embed.methods.solvers.allocate_bases`: one byte cap for
+        every table, the largest that fits)."""
         tables = check_tables(tables)
         allowed, full = budget.max_bytes(tables), full_bytes(tables)
         choices = [path_choices(t.num_embeddings, t.embedding_dim) for t in tables]

@@ -1,12 +1,11 @@
 """Budget-solver helpers shared by the methods: a monotone integer search and a per-table allocation of bytes.
 
 :func:`largest_fitting` finds the largest knob (rows) whose memory fits; :func:`allocate_bases` chooses one base
-(collisions) per table so that the total fits, with the largest base as small as possible (``qr``, ``qr_path``).
+(collisions) per table under one byte cap for every table (``qr``, ``qr_path``).
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -58,33 +57,25 @@ class BaseChoices:
 def allocate_bases(choices: Sequence[BaseChoices], allowed: int) -> list[int] | None:
     """Per-table bases whose total bytes fit ``allowed``, or None when even every table's fewest bytes do not.
 
-    The rule: the largest base over all tables is as small as possible (exact, by bisection on a common cap
-    ``B``: each table takes its best base ``<= B``, and total bytes fall as ``B`` grows); then the bytes left
-    under the budget go, greedily, to lowering the tables with the most collisions first (a table whose next
-    lower base does not fit the remainder is skipped), so small tables do not keep collisions they can afford
-    to drop. ``O(T log B)`` for the bisection plus one heap step per lowered base.
+    The rule, a uniform byte cap (the paper's one-collision-count setting, generalised): every table takes the
+    fewest collisions whose bytes stay under a common cap ``C`` (a table that fits under it whole stays full), or
+    its fewest bytes when no base does; ``C`` is the largest cap whose total fits (bisection: the total grows with
+    ``C``). Bytes thus go where they buy the most: small, frequent tables stay uncompressed and the large tables,
+    which hold almost all the bytes, share the compression; any budget down to the sum of every table's fewest
+    bytes is met. ``O(T log C)``.
     """
     if sum(int(c.costs[-1]) for c in choices) > allowed:
         return None
 
-    def total(cap: int) -> int:
-        return sum(int(c.costs[c.at_most(cap)]) for c in choices)
+    def picks(cap: int) -> list[int]:
+        """Per table: the index of its fewest-collision choice with ``costs <= cap`` (its last choice if none)."""
+        return [min(int(np.searchsorted(-c.costs, -cap, side="left")), len(c.costs) - 1) for c in choices]
 
-    low, high = 1, max(int(c.bases[-1]) for c in choices)
-    while low < high:  # the smallest cap that fits; total(high) fits
-        mid = (low + high) // 2
-        low, high = (low, mid) if total(mid) <= allowed else (mid + 1, high)
-    index = [c.at_most(low) for c in choices]
-    left = allowed - total(low)
-    heap = [(-int(c.bases[j]), t) for t, (c, j) in enumerate(zip(choices, index)) if j > 0]
-    heapq.heapify(heap)
-    while heap:
-        _, t = heapq.heappop(heap)
-        c, j = choices[t], index[t]
-        step = int(c.costs[j - 1] - c.costs[j])
-        if step > left:
-            continue  # the remainder only shrinks: this table stays where it is
-        index[t], left = j - 1, left - step
-        if j - 1 > 0:
-            heapq.heappush(heap, (-int(c.bases[j - 1]), t))
-    return [int(c.bases[j]) for c, j in zip(choices, index)]
+    def total(cap: int) -> int:
+        return sum(int(c.costs[j]) for c, j in zip(choices, picks(cap)))
+
+    low, high = 0, max(int(c.costs[0]) for c in choices)  # total(low) fits; the largest cap that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if total(mid) <= allowed else (low, mid - 1)
+    return [int(c.bases[j]) for c, j in zip(choices, picks(low))]
