@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
 import re
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from torchrec import EmbeddingBagConfig
 
+from recsys_embed.console import UsageErrorParser
 from recsys_embed.methods import Budget, EmbeddingMethod, available_methods, full_bytes, method_class
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def default_tables(embedding_dim: int = 16) -> list[EmbeddingBagConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = UsageErrorParser(
         prog="recsys-embed methods",
         description="Every registered compression method: idea, memory formula, options, budget knobs, stages and "
         "the compression ratios it reaches on the given tables.",

@@ -9,6 +9,15 @@ model's settings from the checkpoint's hyperparameters, so ``test``/``validate``
 the checkpoint's ``description`` (its model class, its method's resolved form: no budget solve, no id counts read),
 after checking that its tables match the data's.
 
+``predict --ckpt_path FILE`` writes the click probability of every row of the test split (``--predict_split``,
+or any parquet file of the data's schema with ``--predict_file``) to parquet (``--predict_output``, default
+``<trainer.default_root_dir>/predictions/<split or file name>.parquet``; see
+:mod:`recsys_embed.training.predictions`).
+
+A user error (a ``ValueError`` of ours, a bad option) prints one line, ``error: ...``, and exits with status 2;
+``--debug`` (or ``RECSYS_EMBED_DEBUG=1``) shows its traceback instead. Internal bugs always show theirs (see
+:mod:`recsys_embed.console`).
+
 Staged methods (more than one :class:`~recsys_embed.methods.Stage`): ``fit`` runs every stage from the same YAML,
 each as its own ``Trainer.fit`` with checkpoints under ``--stages_dir`` (default ``<trainer.default_root_dir>/stages``,
 one folder per stage and a ``state.json``, see :mod:`recsys_embed.training.stages`). Running the same command again
@@ -18,25 +27,108 @@ plain ``fit``.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import difflib
 import logging
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from torch.utils.data import DataLoader
 
+from recsys_embed.console import (
+    CompactHelpFormatter,
+    HeldLogs,
+    UsageError,
+    debug_requested,
+    quiet_iterable_length_warning,
+    quiet_library_noise,
+    user_error_message,
+)
 from recsys_embed.data import CTRDataModule
 from recsys_embed.methods import Stage
 from recsys_embed.training import CTRTask
+from recsys_embed.training.predictions import PredictionBatches, PredictionWriter
 from recsys_embed.training.stages import StagedRun, fingerprint, run_stages
 
 log = logging.getLogger(__name__)
 
 
 class RecsysCLI(LightningCLI):
+    """LightningCLI over ``CTRTask`` + ``CTRDataModule`` with data-linked sizes, staged fits and ``predict`` to
+    parquet. ``on_ready`` is called once the classes are built and checked (``main`` prints the held setup logs
+    then)."""
+
+    def __init__(self, *args: Any, on_ready: Callable[[], None] | None = None, **kwargs: Any) -> None:
+        self._on_ready = on_ready
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as LightningCLI does; a usage error becomes one :class:`UsageError` line (with the closest
+        option to an unknown one, and where the options are listed)."""
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as error:
+            argv = [a for a in (args or []) if isinstance(a, str)]
+            raise UsageError(self._usage_message(str(error), argv)) from error
+
+    def _usage_message(self, message: str, argv: list[str]) -> str:
+        subcommand = next((a for a in argv if a in self._subcommand_parsers), None)
+        prog = "recsys-embed" + (f" {subcommand}" if subcommand else "")
+        message = " ".join(message.split())
+        unknown = re.findall(r"(--[\w.]+)", message) if "unrecognized arguments" in message else []
+        if subcommand and unknown:
+            known = [o for a in self._subcommand_parsers[subcommand]._actions for o in a.option_strings]
+            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.7)
+            if close:
+                message += f"; did you mean {close[0]}?"
+        return f"{message} (see {prog} --help)"
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--predict_split",
+                type=str,
+                default="test",
+                help="The data's split to predict on (ignored with --predict_file).",
+            )
+            parser.add_argument(
+                "--predict_file",
+                type=str | None,
+                default=None,
+                help="A parquet file with the data's dense and categorical columns (label optional) to predict on.",
+            )
+            parser.add_argument(
+                "--predict_output",
+                type=str | None,
+                default=None,
+                help="Where to write the predictions (parquet: row, label if known, score = sigmoid(logit)); "
+                "default <trainer.default_root_dir>/predictions/<split or file name>.parquet.",
+            )
+        return parser
+
+    def after_instantiate_classes(self) -> None:
+        """Check what can be checked before running (a fit's --stage), then let the setup logs out."""
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if self.subcommand == "fit" and config is not None and config.get("stage") is not None:
+            names = [s.name for s in self.model.embedding.stages()]
+            if config.stage not in names:
+                raise ValueError(
+                    f"--stage {config.stage!r} is not a stage of method {self.model.embedding.name!r}: use one of "
+                    f"{names} (or drop --stage)."
+                )
+        if isinstance(self.datamodule, CTRDataModule) and self.datamodule.num_workers <= 1:
+            quiet_iterable_length_warning()
+        if self._on_ready is not None:
+            self._on_ready()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.cardinalities", "model.cardinalities", apply_on="instantiate")
         parser.link_arguments("data.num_dense", "model.num_dense", apply_on="instantiate")
@@ -61,7 +153,9 @@ class RecsysCLI(LightningCLI):
         stages = model.embedding.stages()
         names = [s.name for s in stages]
         if config.stage is not None and config.stage not in names:
-            raise ValueError(f"--stage {config.stage!r} is not a stage of method {model.embedding.name!r}: {names}.")
+            raise ValueError(
+                f"--stage {config.stage!r} is not a stage of method {model.embedding.name!r}: use one of {names}."
+            )
         if len(stages) == 1:
             self.trainer.fit(model, datamodule=datamodule, **kwargs)
             return
@@ -117,6 +211,22 @@ class RecsysCLI(LightningCLI):
         ckpt = "best" if self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 
+    def predict(self, model: CTRTask, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
+        """Predict every row of a split (or a given parquet file) and write them to parquet."""
+        if not isinstance(datamodule, CTRDataModule):
+            raise ValueError("recsys-embed predict needs the CTR data module (--data) for the data's schema.")
+        config = self.config.predict
+        if config.predict_file:
+            source = Path(config.predict_file)
+        else:
+            source = datamodule.schema.split_path(datamodule.data_dir, config.predict_split)
+        name = source.stem if config.predict_file else config.predict_split
+        output = Path(config.predict_output or Path(self.trainer.default_root_dir) / "predictions" / f"{name}.parquet")
+        dataset = PredictionBatches(source, datamodule.schema, datamodule.eval_batch_size)
+        self.trainer.callbacks.append(PredictionWriter(output, has_labels=dataset.has_labels))
+        kwargs["return_predictions"] = False  # written to the file as they come, not kept in memory
+        self.trainer.predict(model, dataloaders=DataLoader(dataset, batch_size=None), **kwargs)
+
 
 def _plain(value: Any) -> Any:
     """A parsed config section as plain dicts and lists (for fingerprints)."""
@@ -131,8 +241,21 @@ BENCH_HINT = (
 )
 
 
+DESCRIPTION = "Train, evaluate and apply CTR models with compressed embedding tables (--debug: show tracebacks)."
+#: one sentence per LightningCLI subcommand (Lightning's own are cut mid-sentence in the listing)
+SUBCOMMANDS = {
+    "fit": "Train a model (every stage of a staged method); --test_after_fit true also tests the best checkpoint.",
+    "validate": "Evaluate a model (e.g. --ckpt_path FILE) on the validation split.",
+    "test": "Evaluate a model (e.g. --ckpt_path FILE) on the test split.",
+    "predict": "Write the click probability of every row of a split or parquet file to parquet (--ckpt_path FILE).",
+}
+SUBCOMMAND_USAGE = "%(prog)s [-c CONFIG] [--print_config] [--OPTION VALUE ...] [--debug]"
+
+
 def main(args: list[str] | None = None) -> int | None:
-    argv = args if args is not None else sys.argv[1:]
+    """The ``recsys-embed`` entry point: ``fit``/``validate``/``test``/``predict`` (LightningCLI), ``bench``,
+    ``methods``. Returns the exit status: ``None`` (success) or 2 after printing a user error's one line."""
+    debug, argv = debug_requested(list(sys.argv[1:] if args is None else args))
     package_log = logging.getLogger("recsys_embed")
     if not package_log.handlers:
         handler = logging.StreamHandler()
@@ -140,21 +263,48 @@ def main(args: list[str] | None = None) -> int | None:
         package_log.addHandler(handler)
         package_log.setLevel(logging.INFO)
         package_log.propagate = False  # libraries (torchrec) may configure the root logger too: print once
+    quiet_library_noise()
+    with HeldLogs() as held:
+        try:
+            return _run(argv, held)
+        except Exception as error:
+            message = user_error_message(error)
+            if message is None or debug:
+                held.release()
+                raise
+            held.discard()
+            sys.stderr.write(f"error: {message}\n")
+            return 2
+
+
+def _run(argv: list[str], held: HeldLogs) -> int | None:
     if argv[:1] == ["bench"]:
         from recsys_embed.benchmark.cli import main as bench_main
 
+        held.release()
         return bench_main(argv[1:])
     if argv[:1] == ["methods"]:
         from recsys_embed.catalog import main as methods_main
 
+        held.release()
         return methods_main(argv[1:])
+    parser_kwargs: dict[str, Any] = {"default_env": False, "epilog": BENCH_HINT, "prog": "recsys-embed"}
+    parser_kwargs |= {"exit_on_error": False, "formatter_class": CompactHelpFormatter, "description": DESCRIPTION}
+    for subcommand, description in SUBCOMMANDS.items():
+        parser_kwargs[subcommand] = {
+            "exit_on_error": False,
+            "formatter_class": CompactHelpFormatter,
+            "usage": SUBCOMMAND_USAGE,  # the full one lists every option again (~90 lines)
+            "description": description,
+        }
     RecsysCLI(
         CTRTask,
         CTRDataModule,
         args=argv,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"inference_mode": False},
-        parser_kwargs={"default_env": False, "epilog": BENCH_HINT},
+        parser_kwargs=parser_kwargs,
+        on_ready=held.release,
     )
     return None
 

@@ -133,7 +133,9 @@ def test_loading_into_a_task_of_another_method_is_a_clear_error(
         trainer.validate(other, datamodule=data, ckpt_path=path)
 
 
-def test_cli_tests_a_deepfm_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_tests_a_deepfm_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     config = str(ROOT / "experiments" / "ctr" / "synthetic_deepfm.yaml")
     method = ["--model.embedding.method=adapt", "--model.embedding.budget.ratio=8"]
@@ -142,5 +144,52 @@ def test_cli_tests_a_deepfm_checkpoint(tmp_path: Path, monkeypatch: pytest.Monke
     no_solving_no_counts(monkeypatch)
     main(["test", "--config", config, *TINY, *method, f"--ckpt_path={ckpt}"])
     other_data = "--data.synthetic.max_cardinality=500"
-    with pytest.raises(ValueError, match="built for other tables"):
-        main(["test", "--config", config, *TINY, *method, other_data, f"--ckpt_path={ckpt}"])
+    assert main(["test", "--config", config, *TINY, *method, other_data, f"--ckpt_path={ckpt}"]) == 2
+    assert "built for other tables" in capsys.readouterr().err
+
+
+def predict(checkpoint: Path, data: CTRDataModule, output: Path, *extra: str) -> Any:
+    """``recsys-embed predict`` on ``checkpoint`` (no config: the checkpoint describes the model), as a frame."""
+    import pandas as pd
+
+    args = ["predict", f"--data.data_dir={data.data_dir}", "--data.eval_batch_size=300", f"--ckpt_path={checkpoint}"]
+    assert main([*args, "--trainer.enable_progress_bar=false", f"--predict_output={output}", *extra]) is None
+    return pd.read_parquet(output)
+
+
+def own_scores(task: CTRTask, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's own sigmoid(forward) and the labels over ``batches``."""
+    task.eval()
+    with torch.no_grad():
+        pairs = [(torch.sigmoid(task(batch)), batch.labels) for batch in batches]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_predict_writes_every_test_row_with_the_models_scores(
+    name: str, checkpoints: dict[str, tuple[CTRTask, Path]], data: CTRDataModule, tmp_path: Path
+) -> None:
+    task, path = checkpoints[name]
+    frame = predict(path, data, tmp_path / "test.parquet")
+    assert list(frame.columns) == ["row", "label", "score"]
+    assert frame["row"].tolist() == list(range(data.schema.rows["test"]))
+    scores, labels = own_scores(task, data.test_dataloader())
+    torch.testing.assert_close(torch.tensor(frame["score"].to_numpy()), scores, rtol=1e-5, atol=1e-6)
+    assert frame["label"].tolist() == labels.long().tolist()
+
+
+def test_predict_a_named_split_or_a_given_file(
+    checkpoints: dict[str, tuple[CTRTask, Path]], data: CTRDataModule, tmp_path: Path, caplog: Any
+) -> None:
+    import pyarrow.parquet as pq
+
+    task, path = checkpoints["DCN"]
+    frame = predict(path, data, tmp_path / "val.parquet", "--predict_split=val")
+    scores, _ = own_scores(task, data.val_dataloader())
+    assert len(frame) == data.schema.rows["val"]
+    torch.testing.assert_close(torch.tensor(frame["score"].to_numpy()), scores, rtol=1e-5, atol=1e-6)
+    unlabelled = tmp_path / "unlabelled.parquet"  # the val rows without their label column
+    pq.write_table(pq.read_table(data.schema.split_path(data.data_dir, "val")).drop(["label"]), unlabelled)
+    given = predict(path, data, tmp_path / "given.parquet", f"--predict_file={unlabelled}")
+    assert list(given.columns) == ["row", "score"]
+    assert given["score"].tolist() == frame["score"].tolist()

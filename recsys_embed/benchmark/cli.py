@@ -22,6 +22,7 @@ from recsys_embed.benchmark.report import build_report
 from recsys_embed.benchmark.runner import describe_counts, run_sweep
 from recsys_embed.benchmark.spec import expand_grid, load_spec, parse_shard, shard
 from recsys_embed.benchmark.store import load_results
+from recsys_embed.console import UsageErrorParser
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def default_sweep() -> Path:
 
 
 def run_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageErrorParser(
         prog="recsys-embed bench",
         description=(
             "Benchmark every compression method x memory budget x dataset x model x seed of a sweep spec: one "
@@ -63,7 +64,7 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def report_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageErrorParser(
         prog="recsys-embed bench report",
         description="Rebuild report.md, the Pareto plots and results.parquet from every results store under DIR.",
     )

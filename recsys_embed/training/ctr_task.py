@@ -359,8 +359,8 @@ class CTRTask(pl.LightningModule):
                 "so the ranks would drift apart silently. Use --trainer.strategy torchrec (Python: "
                 "Trainer(strategy='torchrec')), which shards the tables across the ranks."
             )
-        loop = getattr(self.trainer, "_evaluation_loop", None)
-        if getattr(loop, "inference_mode", False):
+        # every loop takes the Trainer's inference_mode (Trainer._evaluation_loop is undefined while predicting)
+        if self.trainer.predict_loop.inference_mode:
             raise ValueError(
                 "Fused embedding tables cannot run under torch.inference_mode (fbgemm has no CPU kernel for it): "
                 "create the Trainer with inference_mode=False (the recsys-embed CLI does)."
@@ -414,6 +414,10 @@ class CTRTask(pl.LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, self.test_auc, self.test_logloss, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """The click probability of each row (the sigmoid of the logit)."""
+        return torch.sigmoid(self(batch))
 
     def on_train_epoch_start(self) -> None:
         """Give a streaming train dataset the epoch, so its seeded shuffle differs per epoch."""
