@@ -126,8 +126,9 @@ def _plain(value: Any) -> Any:
 
 
 BENCH_HINT = (
-    "More commands: recsys-embed bench (the method x budget sweep; bench --help) and recsys-embed methods (every "
-    "compression method with its options, memory formula and reachable ratios)."
+    "More commands: recsys-embed bench (the method x budget sweep; bench --help), recsys-embed methods (every "
+    "compression method with its options, memory formula and reachable ratios) and recsys-embed data "
+    "{criteo,frappe,movielens} (public datasets -> dataset folders; data --help)."
 )
 
 
@@ -148,6 +149,10 @@ def main(args: list[str] | None = None) -> int | None:
         from recsys_embed.catalog import main as methods_main
 
         return methods_main(argv[1:])
+    if argv[:1] == ["data"]:
+        from data_scripts.cli import main as data_main
+
+        return data_main(argv[1:])
     RecsysCLI(
         CTRTask,
         CTRDataModule,
