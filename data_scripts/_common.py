@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -357,8 +358,9 @@ def atomic_output(folder: str | Path, *, overwrite: bool = False, inputs: Sequen
     ``.<name>.tmp-<random>``, so the final rename stays on one file system; only a killed process (SIGKILL) leaves
     one behind.
     """
-    final = check_output(folder, overwrite=overwrite, inputs=inputs)
-    created = [p for p in (final.absolute().parent, *final.absolute().parent.parents) if not p.exists()]
+    check_output(folder, overwrite=overwrite, inputs=inputs)
+    final = Path(os.path.abspath(folder))  # "out/", "." and ".." spelled out, so the sibling is beside the folder
+    created = [p for p in final.parents if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
@@ -373,7 +375,7 @@ def atomic_output(folder: str | Path, *, overwrite: bool = False, inputs: Sequen
             except OSError:
                 break
         raise
-    log.info("Wrote %s", final)
+    log.info("Wrote %s", folder)
 
 
 def _replace(staging: Path, final: Path, overwrite: bool) -> None:

@@ -226,3 +226,14 @@ def test_atomic_output_interrupted_leaves_the_old_folder(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="not a folder"):
         with atomic_output(tmp_path / "file", overwrite=True):
             pass
+
+
+def test_atomic_output_with_a_trailing_slash_and_relative_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with atomic_output("../new/") as staging:
+        (staging / "x.txt").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "work"]
+    assert (tmp_path / "new" / "x.txt").read_text() == "x"
