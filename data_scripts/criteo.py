@@ -9,8 +9,8 @@ Input: the Criteo Kaggle challenge ``train.txt`` (45,840,617 lines) or the Crite
 
 Command lines::
 
-    python -m data_scripts.criteo --input train.txt --output data/criteo_kaggle
-    python -m data_scripts.criteo --days day_0 day_1 ... day_23 --output data/criteo_1tb --min-count 3
+    recsys-embed data criteo --input train.txt --output data/criteo_kaggle
+    recsys-embed data criteo --days day_* --output data/criteo_1tb --min-count 3
 
 Output (``--output``): ``train/val/test.parquet``, ``schema.json`` and ``id_counts.npz`` with columns ``label``,
 ``int_0..int_12`` (I1..I13) and ``cat_0..cat_25`` (C1..C26).
@@ -24,7 +24,9 @@ Output (``--output``): ``train/val/test.parquet``, ``schema.json`` and ``id_coun
 * Split (Criteo's rows are in time order): Kaggle ``train.txt``'s lines are cut into 7 consecutive "days" of
   equal size (the first ``lines % 7`` days one line longer, as ``numpy.array_split``); days 1-6 are train and
   day 7 is halved, the first half (one line longer when odd) val and the second half test, as in DLRM. With
-  ``--days`` every listed file but the last is train and the last listed file is halved into val and test.
+  ``--days`` the day files are put in day order by their names, numbers compared as numbers (``day_2`` before
+  ``day_10``, so a shell glob's order does not matter), every file but the last is train and the last day is
+  halved into val and test.
   The split is by physical line position, so skipped malformed rows do not move the boundaries.
 
 Malformed rows (a wrong number of fields, a label other than 0/1, a non-integer I field, a C field that is not
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,15 +57,17 @@ from data_scripts._common import (
     DEFAULT_BLOCK_BYTES,
     BadRows,
     SplitWriter,
+    add_output_arguments,
+    atomic_output,
     count_lines,
     ctr_arrow_schema,
     ctr_table,
     matches,
+    natural_key,
     parse_ints,
     prepare_output,
     read_delimited,
     save_dataset,
-    setup_logging,
     validate,
 )
 from recsys_embed.data.schema import CTRSchema
@@ -227,15 +232,18 @@ def prepare_criteo(
     min_count: int = 3,
     skip_bad_rows: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    overwrite: bool = False,
 ) -> CTRSchema:
     """Convert Criteo TSV data into a CTR dataset folder (see the module docstring for every rule).
 
     Args:
-        inputs: ``[train.txt]`` for ``layout="kaggle"``, or the day files in day order for ``layout="days"``.
-        output: the dataset folder to write (created; files in it are overwritten).
+        inputs: ``[train.txt]`` for ``layout="kaggle"``, or the day files (any order: sorted into day order by
+            name, numbers compared as numbers) for ``layout="days"``.
+        output: the dataset folder to write, atomically (:func:`~data_scripts._common.atomic_output`).
         min_count: categorical values seen fewer times in the train rows map to the OOV id 0.
         skip_bad_rows: drop malformed rows (counted and logged) instead of raising ``ValueError``.
         block_bytes: text read per block; memory scales with it.
+        overwrite: replace ``output`` if it exists and is not empty (else that is a ``ValueError``).
 
     Returns:
         The saved :class:`CTRSchema`.
@@ -243,6 +251,25 @@ def prepare_criteo(
     if min_count < 1:
         raise ValueError(f"min_count must be at least 1, got {min_count}.")
     inputs = [Path(p) for p in inputs]
+    if layout == "days":
+        inputs = sorted(inputs, key=natural_key)
+        log.info("Day order: %s (the last is halved into val/test)", ", ".join(p.name for p in inputs))
+    with atomic_output(output, overwrite=overwrite, inputs=inputs) as staging:
+        return _write_criteo(
+            inputs, staging, layout=layout, min_count=min_count, skip_bad_rows=skip_bad_rows, block_bytes=block_bytes
+        )
+
+
+def _write_criteo(
+    inputs: Sequence[Path],
+    output: Path,
+    *,
+    layout: Literal["kaggle", "days"],
+    min_count: int,
+    skip_bad_rows: bool,
+    block_bytes: int,
+) -> CTRSchema:
+    """Read ``inputs`` (in day order) and write the dataset into ``output`` (the staging folder)."""
     parts = _plan(inputs, layout, block_bytes)
     folder = prepare_output(output)
 
@@ -313,37 +340,49 @@ def prepare_criteo(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_scripts.criteo",
-        description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m data_scripts.criteo --input train.txt --output data/criteo_kaggle",
-    )
+SUMMARY = "Criteo Kaggle train.txt or Criteo 1TB day files"
+EXAMPLES = """examples:
+  recsys-embed data criteo --input train.txt --output data/criteo_kaggle
+  recsys-embed data criteo --days day_* --output data/criteo_1tb"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of ``recsys-embed data criteo``."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="the Kaggle train.txt (7-day split)")
     source.add_argument(
-        "--days", type=Path, nargs="+", help="Criteo 1TB day files in day order; the last is halved into val/test"
+        "--days",
+        type=Path,
+        nargs="+",
+        help="Criteo 1TB day files (any order: sorted by the day number in their names); the last day is halved "
+        "into val/test",
     )
-    parser.add_argument("--output", type=Path, required=True, help="dataset folder to write")
     parser.add_argument(
         "--min-count", type=int, default=3, help="values seen fewer times in train map to OOV id 0 (default 3)"
     )
     parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of failing")
     parser.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20, help="text read per block")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        prepare_criteo(
-            [args.input] if args.input else args.days,
-            args.output,
-            layout="kaggle" if args.input else "days",
-            min_count=args.min_count,
-            skip_bad_rows=args.skip_bad_rows,
-            block_bytes=max(int(args.block_mb * 2**20), 1),
-        )
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    add_output_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run ``recsys-embed data criteo`` with parsed ``args``."""
+    prepare_criteo(
+        [args.input] if args.input else args.days,
+        args.output,
+        layout="kaggle" if args.input else "days",
+        min_count=args.min_count,
+        skip_bad_rows=args.skip_bad_rows,
+        block_bytes=max(int(args.block_mb * 2**20), 1),
+        overwrite=args.overwrite,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m data_scripts.criteo ...``: the same as ``recsys-embed data criteo ...``."""
+    from data_scripts.cli import main as data_main
+
+    data_main(["criteo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ MovieLens 10M/20M/25M have no user side information and are not supported.
 
 Command lines::
 
-    python -m data_scripts.movielens --input ml-100k --output data/movielens_100k
-    python -m data_scripts.movielens --input ml-1m --output data/movielens_1m --threshold 4 --split random --seed 0
+    recsys-embed data movielens --input ml-100k --output data/movielens_100k
+    recsys-embed data movielens --input ml-1m --output data/movielens_1m --threshold 4 --split random --seed 0
 
 Output: ``label`` = 1 when rating >= ``--threshold`` (default 4), else 0; no dense features; 7 categorical
 features, each numbered by contiguous ids in ascending order of the raw value:
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ import numpy as np
 
 from data_scripts._common import (
     BadRows,
+    add_output_arguments,
+    atomic_output,
     contiguous_ids,
     ctr_table,
     matches,
@@ -53,7 +56,6 @@ from data_scripts._common import (
     prepare_output,
     read_delimited,
     save_dataset,
-    setup_logging,
     split_sizes,
     validate,
 )
@@ -242,8 +244,26 @@ def prepare_movielens(
     threshold: float = 4.0,
     split: Literal["time", "random"] = "time",
     seed: int = 0,
+    overwrite: bool = False,
 ) -> CTRSchema:
-    """Convert an ML-100K or ML-1M folder into a CTR dataset folder (rules in the module docstring)."""
+    """Convert an ML-100K or ML-1M folder into a CTR dataset folder (rules in the module docstring).
+
+    ``output`` is written atomically (:func:`~data_scripts._common.atomic_output`); an existing non-empty folder
+    is refused unless ``overwrite``.
+    """
+    with atomic_output(output, overwrite=overwrite, inputs=[folder]) as staging:
+        return _write_movielens(folder, staging, threshold=threshold, split=split, seed=seed)
+
+
+def _write_movielens(
+    folder: str | Path,
+    output: str | Path,
+    *,
+    threshold: float,
+    split: Literal["time", "random"],
+    seed: int,
+) -> CTRSchema:
+    """Read ``folder`` and write the dataset into ``output`` (the staging folder)."""
     if split not in ("time", "random"):
         raise ValueError(f"split must be 'time' or 'random', got {split!r}")
     ratings, users, items, release = read_movielens(folder)
@@ -312,24 +332,33 @@ def prepare_movielens(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_scripts.movielens",
-        description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m data_scripts.movielens --input ml-100k --output data/movielens_100k",
-    )
+SUMMARY = "MovieLens 100K or 1M with user and item features"
+EXAMPLES = """examples:
+  recsys-embed data movielens --input ml-100k --output data/movielens_100k
+  recsys-embed data movielens --input ml-1m --output data/movielens_1m --split random --seed 0"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of ``recsys-embed data movielens``."""
     parser.add_argument("--input", type=Path, required=True, help="unpacked ml-100k or ml-1m folder")
-    parser.add_argument("--output", type=Path, required=True, help="dataset folder to write")
     parser.add_argument("--threshold", type=float, default=4.0, help="label 1 when rating >= this (default 4)")
     parser.add_argument("--split", choices=["time", "random"], default="time", help="80/10/10 split rule")
     parser.add_argument("--seed", type=int, default=0, help="seed of --split random (default 0)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        prepare_movielens(args.input, args.output, threshold=args.threshold, split=args.split, seed=args.seed)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    add_output_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run ``recsys-embed data movielens`` with parsed ``args``."""
+    prepare_movielens(
+        args.input, args.output, threshold=args.threshold, split=args.split, seed=args.seed, overwrite=args.overwrite
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m data_scripts.movielens ...``: the same as ``recsys-embed data movielens ...``."""
+    from data_scripts.cli import main as data_main
+
+    data_main(["movielens", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -236,8 +236,9 @@ def _plain(value: Any) -> Any:
 
 
 BENCH_HINT = (
-    "More commands: recsys-embed bench (the method x budget sweep; bench --help) and recsys-embed methods (every "
-    "compression method with its options, memory formula and reachable ratios)."
+    "More commands: recsys-embed bench (the method x budget sweep; bench --help), recsys-embed methods (every "
+    "compression method with its options, memory formula and reachable ratios) and recsys-embed data "
+    "{criteo,frappe,movielens} (public datasets -> dataset folders; data --help)."
 )
 
 
@@ -288,6 +289,11 @@ def _run(argv: list[str], held: HeldLogs) -> int | None:
 
         held.release()
         return methods_main(argv[1:])
+    if argv[:1] == ["data"]:
+        from data_scripts.cli import main as data_main
+
+        held.release()
+        return data_main(argv[1:])
     parser_kwargs: dict[str, Any] = {"default_env": False, "epilog": BENCH_HINT, "prog": "recsys-embed"}
     parser_kwargs |= {"exit_on_error": False, "formatter_class": CompactHelpFormatter, "description": DESCRIPTION}
     for subcommand, description in SUBCOMMANDS.items():
