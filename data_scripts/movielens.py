@@ -23,7 +23,9 @@ features, each numbered by contiguous ids in ascending order of the raw value:
   codes), ``cat_4`` occupation, ``cat_5`` zip-code prefix (the first character, upper-cased: a US region or a
   Canadian/foreign code), both over the values present in the user table,
 * ``cat_6`` the item's first genre in the 19-genre list above (ML-100K flag order; ML-1M's genre names map to the
-  same list; an item with no genre gets "unknown", id 0).
+  same list; an item with no genre gets "unknown", id 0),
+* ``cat_7`` genres, a list feature (``list<int64>``): all of the item's genres as ids in the same 19-genre list,
+  in that list's order (ML-100K's set flags, ML-1M's ``Genre|Genre`` names); an item with none has an empty list.
 
 Split (``--split``): ``time`` (default) sorts ratings by timestamp (ties by user, then item) and takes the
 earliest 80% as train, the next 10% as val and the last 10% as test; ``random`` shuffles with
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 
 from data_scripts._common import (
     BadRows,
@@ -85,7 +88,7 @@ GENRES = [
     "Western",
 ]
 AGE_EDGES = [18, 25, 35, 45, 50, 56]
-FEATURES = ["user", "item", "gender", "age_bucket", "occupation", "zip_prefix", "first_genre"]
+FEATURES = ["user", "item", "gender", "age_bucket", "occupation", "zip_prefix", "first_genre", "genres"]
 FRACTIONS = (0.8, 0.1, 0.1)
 SPLITS = ("train", "val", "test")
 
@@ -114,10 +117,18 @@ class Users:
 
 @dataclass
 class Items:
-    """The item side table: raw ids and the index of their first genre in :data:`GENRES`."""
+    """The item side table: raw ids, the index of their first genre in :data:`GENRES`, all genres as flags."""
 
     ids: np.ndarray
     genre: np.ndarray
+    flags: np.ndarray  # (items, len(GENRES)) bool
+
+
+def genre_lists(flags: np.ndarray) -> pa.ListArray:
+    """Each item's genres as a ``list<int64>`` of :data:`GENRES` indices, in that order (empty when none)."""
+    offsets = np.zeros(len(flags) + 1, dtype=np.int32)
+    np.cumsum(flags.sum(axis=1), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.nonzero(flags)[1].astype(np.int64)))
 
 
 def _fail(path: Path, line: int, problem: str) -> ValueError:
@@ -184,6 +195,7 @@ def read_movielens(folder: str | Path) -> tuple[Ratings, Users, Items, str]:
         items = Items(
             ids=np.array([_int(folder / "u.item", n, f[0], "item id") for n, f in item_rows], dtype=np.int64),
             genre=np.where(flag_array.any(axis=1), flag_array.argmax(axis=1), 0).astype(np.int64),
+            flags=flag_array,
         )
         return ratings, users, items, "ml-100k"
     if (folder / "ratings.dat").is_file():
@@ -205,14 +217,18 @@ def read_movielens(folder: str | Path) -> tuple[Ratings, Users, Items, str]:
             zip_code=np.array([f[4] for _, f in user_rows]),
         )
         genres = []
-        for n, f in item_rows:
-            first = f[-1].split("|")[0]
-            if first and first not in GENRES:
-                raise _fail(folder / "movies.dat", n, f"unknown genre {first!r}, expected one of {GENRES[1:]}")
-            genres.append(GENRES.index(first) if first else 0)
+        flags = np.zeros((len(item_rows), len(GENRES)), dtype=bool)
+        for row, (n, f) in enumerate(item_rows):
+            names = [g for g in f[-1].split("|") if g]
+            for name in names:
+                if name not in GENRES:
+                    raise _fail(folder / "movies.dat", n, f"unknown genre {name!r}, expected one of {GENRES[1:]}")
+                flags[row, GENRES.index(name)] = True
+            genres.append(GENRES.index(names[0]) if names else 0)
         items = Items(
             ids=np.array([_int(folder / "movies.dat", n, f[0], "MovieID") for n, f in item_rows], dtype=np.int64),
             genre=np.array(genres, dtype=np.int64),
+            flags=flags,
         )
         return ratings, users, items, "ml-1m"
     if (folder / "ratings.csv").is_file():
@@ -287,7 +303,8 @@ def _write_movielens(
         (items.genre[item_row], len(GENRES)),
     ]
     ids = np.stack([c for c, _ in columns]).astype(np.int64)
-    cardinalities = [n for _, n in columns]
+    genres = genre_lists(items.flags)  # per item; each rating row takes its item's list
+    cardinalities = [n for _, n in columns] + [len(GENRES)]
     labels = (ratings.rating >= threshold).astype(np.float32)
 
     total = len(labels)
@@ -305,9 +322,13 @@ def _write_movielens(
     out = prepare_output(output)
     rows = {}
     for name, index in rows_of.items():
-        rows[name] = write_split(out, name, ctr_table(labels[index], np.empty((len(index), 0)), ids[:, index]))
+        table = ctr_table(labels[index], np.empty((len(index), 0)), ids[:, index])
+        table = table.append_column("cat_7", genres.take(pa.array(item_row[index])))
+        rows[name] = write_split(out, name, table)
     sparse = [f"cat_{f}" for f in range(len(FEATURES))]
-    counts = count_ids(dict(zip(sparse, ids[:, rows_of["train"]])), dict(zip(sparse, cardinalities)))
+    train = rows_of["train"]
+    per_feature = {**dict(zip(sparse, ids[:, train])), "cat_7": genres.take(pa.array(item_row[train]))}
+    counts = count_ids(per_feature, dict(zip(sparse, cardinalities)))
     log.info("%s: %d ratings, positive rate %.3f, split %s", release, total, labels.mean(), rows)
     return save_dataset(
         out,
@@ -327,6 +348,7 @@ def _write_movielens(
                 "cat_4": occupation_vocab.tolist(),
                 "cat_5": zip_vocab.tolist(),
                 "cat_6": GENRES,
+                "cat_7": GENRES,
             },
         },
     )

@@ -16,7 +16,7 @@ import pytest
 from data_scripts import criteo, frappe, movielens
 from data_scripts._common import BadRows, SplitWriter, ctr_arrow_schema, ctr_table, read_delimited, split_sizes
 from recsys_embed.data import CTRDataModule, CTRSchema, load_id_counts
-from recsys_embed.data.schema import ROW_GROUP_ROWS
+from recsys_embed.data.schema import ROW_GROUP_ROWS, flat_ids, is_list_type
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPLITS = ("train", "val", "test")
@@ -30,11 +30,16 @@ def _shared(*parts: str) -> Path:
 
 
 def _load(folder: Path) -> tuple[CTRSchema, dict[str, dict[str, np.ndarray]]]:
+    """Every column as a numpy array; a list column flattened to its ids (row lists under ``name + ':lists'``)."""
     schema = CTRSchema.load(folder)
     tables: dict[str, dict[str, np.ndarray]] = {}
     for split in schema.splits:
         table = pq.read_table(schema.split_path(folder, split))
         tables[split] = {name: table.column(name).to_numpy() for name in table.column_names}
+        for name in table.column_names:
+            if is_list_type(table.schema.field(name).type):
+                tables[split][name] = flat_ids(name, table.column(name))
+                tables[split][f"{name}:lists"] = np.array(table.column(name).to_pylist(), dtype=object)
     return schema, tables
 
 
@@ -377,7 +382,8 @@ def test_movielens_100k_time_split(tmp_path: Path) -> None:
     schema = movielens.prepare_movielens(folder, tmp_path / "out")
     raw = np.loadtxt(folder / "u.data", dtype=np.int64)
     assert schema.rows == {"train": 80000, "val": 10000, "test": 10000}
-    assert list(schema.cardinalities.values()) == [943, 1682, 2, 7, 21, len(schema.source["vocabularies"]["cat_5"]), 19]
+    zips = len(schema.source["vocabularies"]["cat_5"])
+    assert list(schema.cardinalities.values()) == [943, 1682, 2, 7, 21, zips, 19, 19]
     _, tables = _load(tmp_path / "out")
     # the documented order: timestamp, then user, then item; raw ids 1..n become 0..n-1
     order = np.lexsort((raw[:, 1], raw[:, 0], raw[:, 3]))
@@ -403,7 +409,7 @@ def test_movielens_100k_time_split(tmp_path: Path) -> None:
     _check_ids_and_counts(tmp_path / "out")
     dm = CTRDataModule(data_dir=str(tmp_path / "out"), batch_size=1000)
     batch = next(iter(dm.val_dataloader()))
-    assert batch.dense.shape == (1000, 0) and batch.sparse.keys() == [f"cat_{f}" for f in range(7)]
+    assert batch.dense.shape == (1000, 0) and batch.sparse.keys() == [f"cat_{f}" for f in range(8)]
     for key, jt in batch.sparse.to_dict().items():
         assert 0 <= int(jt.values().min()) and int(jt.values().max()) < dm.cardinalities[key]
 
@@ -439,12 +445,13 @@ def test_movielens_1m_format(tmp_path: Path) -> None:
     movielens.main(["--input", str(folder), "--output", str(tmp_path / "out")])
     schema, tables = _load(tmp_path / "out")
     assert schema.source["dataset"] == "ml-1m" and schema.rows == {"train": 16, "val": 2, "test": 2}
-    assert list(schema.cardinalities.values()) == [3, 2, 2, 7, 3, 3, 19]
+    assert list(schema.cardinalities.values()) == [3, 2, 2, 7, 3, 3, 19, 19]
     # time order: t=10 (user 2), 20 (user 5), 30 (user 1), 40 (user 1), each 5 times
     assert tables["train"]["cat_0"].tolist() == [1] * 5 + [2] * 5 + [0] * 5 + [0]
     assert tables["train"]["label"].tolist() == [0.0] * 5 + [1.0] * 10 + [0.0]
     assert tables["train"]["cat_3"].tolist()[:11] == [6] * 5 + [2] * 5 + [0]  # ages 56, 25, 1
     assert tables["train"]["cat_6"].tolist()[:11] == [15] * 5 + [5] * 6  # Sci-Fi; Comedy|Drama -> Comedy
+    assert tables["train"]["cat_7:lists"].tolist()[4:6] == [[15], [5, 8]]  # every genre: Sci-Fi; Comedy, Drama
     _check_ids_and_counts(tmp_path / "out")
 
 

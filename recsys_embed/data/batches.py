@@ -1,12 +1,15 @@
 """Parquet -> (dense, ``KeyedJaggedTensor``, labels) batches with vectorized array code (no per-row Python).
 
-Every categorical column holds one id per row, so a batch's KJT is the columns stacked feature-major
-(``values = [cat_0 rows..., cat_1 rows..., ...]``) with all lengths 1, TorchRec's layout.
+A batch's KJT is laid out feature-major, TorchRec's layout: ``values = [cat_0 rows..., cat_1 rows..., ...]``.
+A scalar categorical column gives every row a bag of one id (lengths all 1: the fast path, the columns are just
+stacked); a list column (``list<int64>``) gives each row its list as a bag, so its lengths are the list lengths
+(the parquet list offsets, differenced) and an empty list is an empty bag. Shuffling and rank slicing move each
+row's list with the row, all with array code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +20,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchrec import KeyedJaggedTensor
 
-from recsys_embed.data.schema import CTRSchema
+from recsys_embed.data.schema import CTRSchema, list_parts, sparse_kinds
 
 
 @dataclass
 class Batch:
-    """One CTR batch: dense ``(B, D)`` float32, sparse KJT with one id per feature and row, labels ``(B,)``."""
+    """One CTR batch: dense ``(B, D)`` float32, sparse KJT (one bag per feature and row), labels ``(B,)``."""
 
     dense: torch.Tensor
     sparse: KeyedJaggedTensor
@@ -40,18 +43,68 @@ class Batch:
 
 
 @dataclass
+class Ragged:
+    """One list column over rows: row ``i``'s ids are ``values[offsets[i]:offsets[i + 1]]`` (int64 arrays).
+
+    ``offsets`` may start above 0 (a slice keeps the parent's ``values`` and is a view, no copy).
+    """
+
+    offsets: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def flat(self) -> np.ndarray:
+        """The rows' ids, concatenated."""
+        return self.values[self.offsets[0] : self.offsets[-1]]
+
+    def take(self, index: np.ndarray | slice) -> Ragged:
+        """Rows ``index`` (a slice with step 1, or an index array), each with its whole list."""
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("Ragged.take: slices must have step 1.")
+            return Ragged(self.offsets[start : max(start, stop) + 1], self.values)
+        starts = self.offsets[:-1][index]
+        lengths = self.offsets[1:][index] - starts
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # position of each output id in values: its row's start, plus its rank inside the row
+        gather = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lengths)
+        return Ragged(offsets, self.values[gather])
+
+    @staticmethod
+    def concat(parts: Sequence[Ragged]) -> Ragged:
+        lengths = np.concatenate([p.lengths() for p in parts])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return Ragged(offsets, np.concatenate([p.flat() for p in parts]))
+
+
+@dataclass
 class ColumnBlock:
-    """Rows held as arrays: ids ``(F, R)`` int64, dense ``(R, D)`` float32, labels ``(R,)`` float32."""
+    """Rows held as arrays: scalar ids ``(S, R)`` int64, list columns, dense ``(R, D)`` float32, labels ``(R,)``.
+
+    ``ids`` holds the scalar categorical columns and ``lists`` the list columns, each in schema order (the
+    reader knows which key is which).
+    """
 
     ids: np.ndarray
     dense: np.ndarray
     labels: np.ndarray
+    lists: tuple[Ragged, ...] = ()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def take(self, index: np.ndarray | slice) -> ColumnBlock:
-        return ColumnBlock(self.ids[:, index], self.dense[index], self.labels[index])
+        return ColumnBlock(
+            self.ids[:, index], self.dense[index], self.labels[index], tuple(r.take(index) for r in self.lists)
+        )
 
     @staticmethod
     def concat(blocks: list[ColumnBlock]) -> ColumnBlock:
@@ -59,25 +112,36 @@ class ColumnBlock:
             np.concatenate([b.ids for b in blocks], axis=1),
             np.concatenate([b.dense for b in blocks]),
             np.concatenate([b.labels for b in blocks]),
+            tuple(Ragged.concat(parts) for parts in zip(*(b.lists for b in blocks))),
         )
 
 
-def block_from_arrow(table: pa.Table | pa.RecordBatch, schema: CTRSchema, where: str = "") -> ColumnBlock:
-    """Columns of an arrow table/batch as a :class:`ColumnBlock`; nulls raise a clear error."""
+def block_from_arrow(
+    table: pa.Table | pa.RecordBatch, schema: CTRSchema, where: str = "", list_columns: Sequence[str] = ()
+) -> ColumnBlock:
+    """Columns of an arrow table/batch as a :class:`ColumnBlock`; nulls raise a clear error.
+
+    ``list_columns``: the categorical columns stored as lists (:func:`~recsys_embed.data.schema.sparse_kinds`).
+    """
     rows = table.num_rows
+    where = where or "the data"
 
     def column(name: str, dtype: type) -> np.ndarray:
         col = table.column(name)
         if col.null_count:
             raise ValueError(
-                f"Column {name!r} in {where or 'the data'} has {col.null_count} null values; map missing values "
+                f"Column {name!r} in {where} has {col.null_count} null values; map missing values "
                 "to an id/number when preparing the data (the data scripts do)."
             )
         return np.array(col.to_numpy(), dtype=dtype)  # a writable copy
 
-    ids = np.empty((len(schema.sparse), rows), dtype=np.int64)
-    for i, name in enumerate(schema.sparse):
+    scalar = [name for name in schema.sparse if name not in list_columns]
+    ids = np.empty((len(scalar), rows), dtype=np.int64)
+    for i, name in enumerate(scalar):
         ids[i] = column(name, np.int64)
+    lists = tuple(
+        Ragged(*list_parts(name, table.column(name), where)) for name in schema.sparse if name in list_columns
+    )
     dense = np.empty((rows, len(schema.dense)), dtype=np.float32)
     for j, name in enumerate(schema.dense):
         dense[:, j] = column(name, np.float32)
@@ -85,22 +149,37 @@ def block_from_arrow(table: pa.Table | pa.RecordBatch, schema: CTRSchema, where:
     bad = (labels != 0) & (labels != 1)
     if bad.any():
         raise ValueError(
-            f"Column {schema.label!r} in {where or 'the data'} has {int(bad.sum())} labels outside {{0, 1}} (first: "
+            f"Column {schema.label!r} in {where} has {int(bad.sum())} labels outside {{0, 1}} (first: "
             f"{labels[bad][0]:g}); CTR labels are clicks. Binarise them when preparing the data (e.g. rating >= 4 "
             "-> 1, as the MovieLens script does)."
         )
-    return ColumnBlock(ids, dense, labels)
+    return ColumnBlock(ids, dense, labels, lists)
 
 
-def batch_from_block(block: ColumnBlock, keys: list[str]) -> Batch:
-    """A :class:`Batch` with the KJT laid out feature-major (TorchRec's order)."""
+def batch_from_block(block: ColumnBlock, keys: list[str], list_columns: Sequence[str] = ()) -> Batch:
+    """A :class:`Batch` with the KJT laid out feature-major (TorchRec's order).
+
+    ``keys`` are the categorical features in schema order; ``list_columns`` those of them held in
+    ``block.lists``. Without list columns every bag has one id and the ids are stacked as they are.
+    """
     features, rows = block.ids.shape
-    sparse = KeyedJaggedTensor(
-        keys=keys,
-        values=torch.from_numpy(np.ascontiguousarray(block.ids).reshape(-1)),
-        lengths=torch.ones(features * rows, dtype=torch.int32),
-        stride=rows,
-    )
+    if not block.lists:
+        values = np.ascontiguousarray(block.ids).reshape(-1)
+        lengths = torch.ones(features * rows, dtype=torch.int32)
+    else:
+        value_parts, length_parts = [], []
+        scalar, listed, list_keys = iter(block.ids), iter(block.lists), set(list_columns)
+        for key in keys:
+            if key in list_keys:
+                ragged = next(listed)
+                value_parts.append(ragged.flat())
+                length_parts.append(ragged.lengths().astype(np.int32))
+            else:
+                value_parts.append(next(scalar))
+                length_parts.append(np.ones(rows, dtype=np.int32))
+        values = np.concatenate(value_parts)
+        lengths = torch.from_numpy(np.concatenate(length_parts))
+    sparse = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(values), lengths=lengths, stride=rows)
     return Batch(torch.from_numpy(np.ascontiguousarray(block.dense)), sparse, torch.from_numpy(block.labels))
 
 
@@ -142,9 +221,14 @@ class ParquetBatches(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.columns = [schema.label, *schema.dense, *schema.sparse]
-        missing = set(self.columns) - set(pq.read_schema(self.path).names)
+        arrow_schema = pq.read_schema(self.path)
+        missing = set(self.columns) - set(arrow_schema.names)
         if missing:
             raise ValueError(f"{self.path} lacks columns {sorted(missing)} listed in its schema.json.")
+        #: the categorical columns stored as lists (a bag of ids per row), in schema order
+        self.list_columns = [
+            k for k, is_list in sparse_kinds(arrow_schema, schema.sparse, str(self.path)).items() if is_list
+        ]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -165,7 +249,8 @@ class ParquetBatches(IterableDataset):
     def _rank_slice(self, block: ColumnBlock) -> Batch:
         """This rank's equal share of a global batch."""
         share = len(block) // self.world_size
-        return batch_from_block(block.take(slice(self.rank * share, (self.rank + 1) * share)), self.schema.sparse)
+        mine = block.take(slice(self.rank * share, (self.rank + 1) * share))
+        return batch_from_block(mine, self.schema.sparse, self.list_columns)
 
     def __iter__(self) -> Iterator[Batch]:
         file = pq.ParquetFile(self.path)
@@ -175,7 +260,8 @@ class ParquetBatches(IterableDataset):
             groups = list(rng.permutation(groups))
         carry: ColumnBlock | None = None
         for g in groups:
-            block = block_from_arrow(file.read_row_group(g, columns=self.columns), self.schema, f"{self.path}")
+            table = file.read_row_group(g, columns=self.columns)
+            block = block_from_arrow(table, self.schema, f"{self.path}", self.list_columns)
             if self.shuffle:
                 block = block.take(rng.permutation(len(block)))
             if carry is not None:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import pyarrow.parquet as pq
 from torch.utils.data import DataLoader
 
 from recsys_embed.data.batches import ParquetBatches
-from recsys_embed.data.schema import CTRSchema, load_id_counts
+from recsys_embed.data.schema import CTRSchema, load_id_counts, sparse_kinds
 from recsys_embed.data.synthetic import SyntheticConfig, synthetic_dataset
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,14 @@ class CTRDataModule(pl.LightningDataModule):
     def cardinalities(self) -> dict[str, int]:
         """Categorical feature -> number of ids (linked to the model's tables)."""
         return dict(self.schema.cardinalities)
+
+    @property
+    def multi_hot(self) -> list[str]:
+        """The categorical features stored as lists (a bag of ids per row), from the train split's column types."""
+        path = self.schema.split_path(self.data_dir, "train")
+        return [
+            k for k, is_list in sparse_kinds(pq.read_schema(path), self.schema.sparse, str(path)).items() if is_list
+        ]
 
     @property
     def num_dense(self) -> int:

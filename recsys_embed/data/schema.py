@@ -1,15 +1,19 @@
 """The on-disk CTR layout: one parquet file per split plus ``schema.json`` and ``id_counts.npz``.
 
 Columns follow TorchRec's naming: ``label`` (0/1), ``int_0..int_{D-1}`` (float dense features, already
-transformed), ``cat_0..cat_{F-1}`` (int ids in ``[0, num_embeddings)``, one per row). ``schema.json`` names the
-columns, their cardinalities and the splits; ``id_counts.npz`` holds, per categorical feature, how often each id
-occurs in the train split (for frequency-aware methods).
+transformed), ``cat_0..cat_{F-1}`` (int ids in ``[0, num_embeddings)``). A categorical column is either scalar
+(an integer column: one id per row) or a list (``list<int64>``, any integer list type: a bag of ids per row, e.g.
+tags or genres; an empty list is an empty bag). Which one is read from the parquet column type
+(:func:`sparse_kinds`), so ``schema.json`` needs no extra key and older folders load unchanged. ``schema.json``
+names the columns, their cardinalities and the splits; ``id_counts.npz`` holds, per categorical feature, how
+often each id occurs in the train split (every id of every list counts), for frequency-aware methods.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,10 +76,81 @@ def write_split(folder: str | Path, split: str, table: pa.Table) -> int:
     return table.num_rows
 
 
-def count_ids(columns: dict[str, np.ndarray], cardinalities: dict[str, int]) -> dict[str, np.ndarray]:
-    """Per-feature id occurrence counts (int64 arrays of length ``num_embeddings``)."""
+def _is_integer(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind)
+
+
+def is_list_type(kind: pa.DataType) -> bool:
+    """Whether an arrow type is a list column (``list`` or ``large_list``)."""
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
+
+
+def sparse_kinds(arrow_schema: pa.Schema, sparse: list[str], where: str = "the data") -> dict[str, bool]:
+    """Each categorical column -> ``True`` for a list column, ``False`` for a scalar one, from its parquet type.
+
+    Raises one ``ValueError`` naming the column and the fix for any other type (floats, strings, nested lists).
+    """
+    kinds = {}
+    for name in sparse:
+        if name not in arrow_schema.names:
+            continue  # the reader reports missing columns together
+        kind = arrow_schema.field(name).type
+        if _is_integer(kind):
+            kinds[name] = False
+        elif is_list_type(kind) and _is_integer(kind.value_type):
+            kinds[name] = True
+        else:
+            raise ValueError(
+                f"Categorical column {name!r} in {where} has type {kind}; it must be an integer column (one id per "
+                "row) or list<int64> (a bag of ids per row). Map the values to integer ids when preparing the data "
+                "(e.g. pyarrow.compute.cast(column, pa.list_(pa.int64())))."
+            )
+    return kinds
+
+
+def list_parts(name: str, column: pa.Array | pa.ChunkedArray, where: str = "the data") -> tuple[np.ndarray, np.ndarray]:
+    """A list column as ``(offsets, values)`` int64 arrays: row ``i``'s ids are ``values[offsets[i]:offsets[i+1]]``.
+
+    ``offsets`` has one entry per row plus one and starts at 0. Null lists and null ids inside lists raise a
+    ``ValueError`` naming the column.
+    """
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not is_list_type(array.type) or not _is_integer(array.type.value_type):
+        raise ValueError(f"Column {name!r} in {where} has type {array.type}, expected list<int64>.")
+    if array.null_count:
+        raise ValueError(
+            f"List column {name!r} in {where} has {array.null_count} null lists; write an empty list [] for a row "
+            "without ids (an empty bag) when preparing the data."
+        )
+    offsets = np.asarray(array.offsets, dtype=np.int64)
+    child = array.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    if child.null_count:
+        raise ValueError(
+            f"List column {name!r} in {where} has {child.null_count} null ids inside its lists; drop them or map "
+            "them to an id (e.g. a 'missing' id) when preparing the data."
+        )
+    return offsets - offsets[0], np.asarray(child.to_numpy(), dtype=np.int64)
+
+
+def flat_ids(name: str, values: np.ndarray | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Every id of a categorical column as one int64 array: a scalar column as is, a list column flattened."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        if is_list_type(values.type):
+            return list_parts(name, values)[1]
+        return np.asarray(values.to_numpy(), dtype=np.int64)
+    return np.asarray(values)
+
+
+def count_ids(
+    columns: Mapping[str, np.ndarray | pa.Array | pa.ChunkedArray], cardinalities: dict[str, int]
+) -> dict[str, np.ndarray]:
+    """Per-feature id occurrence counts (int64 arrays of length ``num_embeddings``).
+
+    A column is an id array (one id per row) or an arrow list array (every id of every list counts).
+    """
     counts = {}
-    for name, values in columns.items():
+    for name, column in columns.items():
+        values = flat_ids(name, column)
         if len(values) and (values.min() < 0 or values.max() >= cardinalities[name]):
             raise ValueError(
                 f"Column {name!r} has ids in [{values.min()}, {values.max()}] outside [0, {cardinalities[name]}); "
@@ -86,6 +161,7 @@ def count_ids(columns: dict[str, np.ndarray], cardinalities: dict[str, int]) -> 
 
 
 def save_id_counts(folder: str | Path, counts: dict[str, np.ndarray]) -> None:
+    """Write the per-feature id counts to ``folder/id_counts.npz``."""
     np.savez_compressed(Path(folder) / COUNTS_FILE, **counts)
 
 
