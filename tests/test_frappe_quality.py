@@ -1,4 +1,5 @@
-"""End-to-end (slow): DeepFM and DCN-v2 with full tables reach AUC >= 0.95 on the real Frappe rows.
+"""End-to-end (slow): DeepFM and DCN-v2 with full tables reach a test AUC near what the README reports (0.955 and
+0.949 on this split, seed 2021 of the configs; the floors leave ~0.004 for machine-to-machine float noise).
 
 Reads ``../shared/data/frappe`` (never copied into the repo; skipped when absent), writes the data script's default
 7:2:1 split to a temporary folder and trains with the shipped configs.
@@ -31,9 +32,12 @@ def frappe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+FLOORS = {"deepfm": 0.95, "dcnv2": 0.945}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["deepfm", "dcnv2"])
-def test_full_tables_reach_auc_095(
+@pytest.mark.parametrize("model", sorted(FLOORS))
+def test_full_tables_reach_their_auc(
     model: str, frappe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -55,4 +59,4 @@ def test_full_tables_reach_auc_095(
         if row.get("test/auc")
     ]
     assert len(rows) == 1
-    assert float(rows[0]["test/auc"]) >= 0.95
+    assert float(rows[0]["test/auc"]) >= FLOORS[model]
