@@ -161,3 +161,10 @@ def test_a_subclass_without_its_own_constructor_records_its_options() -> None:
     emb = Inherited(make_tables(), rows=10, seed=3)
     assert emb.config()["rows"] == 10 and emb.config()["seed"] == 3
     assert Inherited.from_config(make_tables(), emb.config()).config() == emb.config()
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_a_ratio_that_leaves_no_byte_is_one_clear_error(name: str) -> None:
+    tables = make_tables()
+    with pytest.raises(ValueError, match=r"Budget ratio 1e\+06 leaves less than one byte"):
+        build_embedding(name, tables, budget=Budget(ratio=1e6), **method_options(name, tables))

@@ -85,7 +85,14 @@ class Budget:
         """The largest ``memory_bytes()`` allowed for these logical tables."""
         if self.bytes is not None:
             return int(self.bytes)
-        return int(math.floor(full_bytes(tables) / float(self.ratio)))  # type: ignore[arg-type]
+        allowed = int(math.floor(full_bytes(tables) / float(self.ratio)))  # type: ignore[arg-type]
+        if allowed < 1:
+            raise ValueError(
+                f"Budget ratio {self.ratio:g} leaves less than one byte for these tables ({full_bytes(tables)} bytes "
+                f"in full): ask for a ratio of at most {full_bytes(tables)} (`recsys-embed methods` shows what each "
+                "method reaches)."
+            )
+        return allowed
 
 
 def full_bytes(tables: Sequence[EmbeddingBagConfig]) -> int:
