@@ -185,7 +185,8 @@ class RecsysCLI(LightningCLI):
         settings = dict(self._get(self.config_init, "trainer", default={}))
         configured = settings.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
-        callbacks = [copy.deepcopy(callback) for callback in configured]
+        # the config-saving callback holds the parser (not copyable): the trainer's own one is added back below
+        callbacks = [copy.deepcopy(c) for c in configured if not isinstance(c, SaveConfigCallback)]
         checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
         if not checkpoints and settings.get("enable_checkpointing") is not False:
             checkpoints = [ModelCheckpoint(save_last=True)]

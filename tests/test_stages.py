@@ -7,6 +7,7 @@ The two-stage method is the test-only :mod:`tests.staged_toy`, registered only i
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,8 +62,15 @@ def toy() -> Iterator[type]:
     assert staged_toy.NAME not in available_methods()
 
 
-def fit(folder: Path, *extra: str) -> None:
-    main(["fit", "--config", config(folder), *TINY, "--data.eval_batch_size=1000", *extra])
+def fit(folder: Path, *extra: str) -> int | None:
+    return main(["fit", "--config", config(folder), *TINY, "--data.eval_batch_size=1000", *extra])
+
+
+def user_error(capsys: pytest.CaptureFixture[str], folder: Path, *extra: str) -> str:
+    """A fit that must stop with the CLI's one error line (exit code 2); that line."""
+    capsys.readouterr()
+    assert fit(folder, *extra) == 2
+    return capsys.readouterr().err
 
 
 def state(folder: Path) -> dict:
@@ -128,11 +136,9 @@ def test_a_killed_run_resumes_at_its_stage_and_step(toy: type, tmp_path: Path) -
     assert any("test/auc" in p.read_text() for p in tmp_path.glob("lightning_logs/*/metrics.csv"))
 
 
-def test_stage_option_restarts_at_a_stage(toy: type, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"stage\(s\) \['warmup'\] are not done"):
-        fit(tmp_path, "--stage=frozen")
-    with pytest.raises(ValueError, match="'nope' is not a stage of method 'staged_toy'"):
-        fit(tmp_path, "--stage=nope")
+def test_stage_option_restarts_at_a_stage(toy: type, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert re.search(r"error: .*stage\(s\) \['warmup'\] are not done", user_error(capsys, tmp_path, "--stage=frozen"))
+    assert "'nope' is not a stage of method 'staged_toy'" in user_error(capsys, tmp_path, "--stage=nope")
     fit(tmp_path)
     first = state(tmp_path)
     staged_toy.HOOK_CALLS.clear()
@@ -140,8 +146,7 @@ def test_stage_option_restarts_at_a_stage(toy: type, tmp_path: Path) -> None:
     assert staged_toy.HOOK_CALLS == [("frozen", s) for s in range(STEPS)]
     again = state(tmp_path)
     assert again["stages"]["warmup"] == first["stages"]["warmup"] and again["stages"]["frozen"]["status"] == "done"
-    with pytest.raises(ValueError, match="holds the stages of another run"):
-        fit(tmp_path, "--model.embedding.options={l2: 0.1}")
+    assert "holds the stages of another run" in user_error(capsys, tmp_path, "--model.embedding.options={l2: 0.1}")
 
 
 def test_the_benchmark_runs_every_stage(toy: type, tmp_path: Path) -> None:
