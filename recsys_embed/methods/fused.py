@@ -79,7 +79,9 @@ class FusedTables(nn.Module):
     are (no per-feature split), and backward applies the optimizer to the rows read. Pooled tables behave as an
     ``EmbeddingBagCollection`` (rows exposed as ``embedding_bags.{table}.weight``), unpooled ones as an
     ``EmbeddingCollection`` (``embeddings.{table}.weight``, output ``dict[str, JaggedTensor]``); the weights are
-    views of the kernel's storage, so state dicts match the plain collection's.
+    views of the kernel's storage, so state dicts match the plain collection's. Fuse on the final device: a later
+    ``.to(other_device)`` or ``.half()`` gives the parameters new storage that the kernel does not train (fusing
+    again from the plain form is the way to move).
     """
 
     def __init__(
