@@ -239,7 +239,7 @@ def prepare_criteo(
     Args:
         inputs: ``[train.txt]`` for ``layout="kaggle"``, or the day files (any order: sorted into day order by
             name, numbers compared as numbers) for ``layout="days"``.
-        output: the dataset folder to write, atomically (:func:`~data_scripts._common.atomic_output`).
+        output: the dataset folder to write, atomically (:func:`~data_scripts._output.atomic_output`).
         min_count: categorical values seen fewer times in the train rows map to the OOV id 0.
         skip_bad_rows: drop malformed rows (counted and logged) instead of raising ``ValueError``.
         block_bytes: text read per block; memory scales with it.

@@ -107,7 +107,7 @@ def prepare_frappe(
 
     Give either ``inputs`` (all rows, seeded random 7:2:1 split, independent of the files' order) or all of
     ``train``, ``val`` and ``test`` (each file is its split). See the module docstring for the id and split rules.
-    ``output`` is written atomically (:func:`~data_scripts._common.atomic_output`); an existing non-empty folder
+    ``output`` is written atomically (:func:`~data_scripts._output.atomic_output`); an existing non-empty folder
     is refused unless ``overwrite``. Returns the saved schema.
     """
     given = [train, val, test]

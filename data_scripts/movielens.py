@@ -264,7 +264,7 @@ def prepare_movielens(
 ) -> CTRSchema:
     """Convert an ML-100K or ML-1M folder into a CTR dataset folder (rules in the module docstring).
 
-    ``output`` is written atomically (:func:`~data_scripts._common.atomic_output`); an existing non-empty folder
+    ``output`` is written atomically (:func:`~data_scripts._output.atomic_output`); an existing non-empty folder
     is refused unless ``overwrite``.
     """
     with atomic_output(output, overwrite=overwrite, inputs=[folder]) as staging:

@@ -16,7 +16,7 @@ from recsys_embed.data import CTRDataModule
 from recsys_embed.methods import Budget, method_class
 from recsys_embed.models import DCN, DLRM, DCNv2, DeepFM, WideDeep
 from recsys_embed.training import CTRTask, EmbeddingSpec
-from recsys_embed.training.ctr_task import checkpoint_description
+from recsys_embed.training.task_config import checkpoint_description
 from tests.test_cli import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """The compression registry: one file per method, all behind :class:`EmbeddingMethod`.
 
 Every module of this package is imported here (a package scan), so a new method is one new file whose class is
-decorated with ``@register("name")``, and nothing else.
+decorated with the ``register`` decorator (given the method's name), and nothing else.
 """
 
 import importlib

@@ -4,10 +4,8 @@ Loss is binary cross-entropy on logits; validation and test report AUC and log l
 by the configured PyTorch optimizer; embedding rows are updated inside backward by the fused sparse optimizer of
 fbgemm's table-batched kernels (set by ``sparse_optimizer``, logged at start).
 
-Checkpoints are self-described: their hyperparameters hold ``description``, the model's importable class path and
-init args and the method's :func:`~recsys_embed.methods.saving.describe` (name, class version, tables, resolved
-config) plus its current stage. ``CTRTask.load_from_checkpoint(path)`` rebuilds the net from it, whatever model
-built it, without solving a budget or reading id counts; only plain types are stored (``weights_only=True``).
+Checkpoints are self-described (:mod:`recsys_embed.training.task_config`): ``CTRTask.load_from_checkpoint(path)``
+rebuilds the net, whatever model built it, without solving a budget or reading id counts.
 
 Staged methods: the current stage's :meth:`~recsys_embed.methods.EmbeddingMethod.regularizer` is added to the
 training loss, :meth:`~recsys_embed.methods.EmbeddingMethod.on_train_step` is called after each optimizer step, and
@@ -18,12 +16,9 @@ optimizes manually); :meth:`CTRTask.advance_stage` swaps in the next stage's for
 
 from __future__ import annotations
 
-import functools
-import importlib
-import json
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
-from torchrec import EmbeddingBagConfig
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from recsys_embed.data.batches import Batch
 from recsys_embed.data.schema import load_id_counts
 from recsys_embed.methods import (
-    Budget,
     EmbeddingMethod,
     SparseOptimizer,
     build_embedding,
@@ -52,122 +45,23 @@ from recsys_embed.methods.saving import check_same_tables, describe, rebuild
 from recsys_embed.models import DLRM
 from recsys_embed.training.sharding import consolidated_optimizer_state, load_sharded_optimizer_state
 from recsys_embed.training.strategy import TorchRecStrategy
+from recsys_embed.training.task_config import (
+    DESCRIPTION_FORMAT,
+    EmbeddingSpec,
+    as_sparse_optimizer,
+    as_spec,
+    default_optimizer,
+    describe_model_factory,
+    group_optimizer,
+    model_factory_from,
+    normalized,
+    tables_for,
+)
 
 log = logging.getLogger(__name__)
 
 ModelFactory = Callable[[EmbeddingMethod, int], nn.Module]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-@dataclass
-class EmbeddingSpec:
-    """Which compression method to build, and either its budget or its explicit options.
-
-    Example (YAML)::
-
-        embedding:
-          method: hash
-          budget: {ratio: 10}
-    """
-
-    method: str = "full"
-    budget: Budget | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-# Checkpoints store these in their hyperparameters; allow them for torch.load(weights_only=True) (Lightning's default).
-torch.serialization.add_safe_globals([EmbeddingSpec, Budget, SparseOptimizer])
-
-
-def tables_for(cardinalities: dict[str, int], embedding_dim: int) -> list[EmbeddingBagConfig]:
-    """One logical table ``t_{feature}`` per categorical feature."""
-    return [
-        EmbeddingBagConfig(name=f"t_{name}", num_embeddings=n, embedding_dim=embedding_dim, feature_names=[name])
-        for name, n in cardinalities.items()
-    ]
-
-
-def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=1e-3)
-
-
-#: what a checkpoint's ``hyper_parameters["description"]`` holds
-DESCRIPTION_FORMAT = "recsys_embed.ctr_task/1"
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _is_plain(value: Any) -> bool:
-    """Whether ``value`` is made of types ``torch.load(weights_only=True)`` and YAML both take."""
-    if isinstance(value, _PLAIN):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
-
-
-def describe_model_factory(factory: Callable[..., nn.Module]) -> dict[str, Any] | None:
-    """``{"class": "package.module.Class", "init_args": {...}}`` for a model class, a ``functools.partial`` of one,
-    or the factory LightningCLI builds from ``class_path``/``init_args``; ``None`` if it is none of these (or not
-    importable, or its options are not plain values)."""
-    cls, init_args = factory, {}
-    if isinstance(factory, functools.partial):
-        init_args = dict(factory.keywords)
-        if isinstance(factory.func, type) and not factory.args:
-            cls = factory.func
-        elif factory.args and isinstance(factory.args[-1], type):  # jsonargparse: partial(instantiate, ..., cls)
-            cls = factory.args[-1]
-        else:
-            return None
-    if not isinstance(cls, type) or "<locals>" in cls.__qualname__ or not _is_plain(init_args):
-        return None
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
-
-
-def model_factory_from(description: dict[str, Any]) -> Callable[..., nn.Module]:
-    """The model factory a :func:`describe_model_factory` result stands for."""
-    module, _, name = description["class"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        raise ValueError(
-            f"The checkpoint's model class {description['class']!r} cannot be imported: install the package that "
-            "defines it, or pass model= to load_from_checkpoint."
-        ) from None
-    return functools.partial(cls, **description["init_args"])
-
-
-def checkpoint_description(path: str | Path) -> dict[str, Any] | None:
-    """The ``description`` of a ``CTRTask`` checkpoint (model and method that built it), ``None`` if it has none
-    (checkpoints written before descriptions existed). Memory-maps the file: tensors are not read."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip-format file: mmap is not possible
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    description = saved.get("hyper_parameters", {}).get("description") if isinstance(saved, dict) else None
-    return description if isinstance(description, dict) and description.get("format") == DESCRIPTION_FORMAT else None
-
-
-def _as_spec(value: EmbeddingSpec | dict[str, Any]) -> EmbeddingSpec:
-    """An :class:`EmbeddingSpec` from itself or its dict form (checkpoints store the dict)."""
-    if isinstance(value, EmbeddingSpec):
-        return value
-    budget = value.get("budget")
-    return EmbeddingSpec(
-        method=value.get("method", "full"),
-        budget=Budget(**budget) if isinstance(budget, dict) else budget,
-        options=dict(value.get("options") or {}),
-    )
-
-
-def _as_sparse_optimizer(value: SparseOptimizer | dict[str, Any]) -> SparseOptimizer:
-    return value if isinstance(value, SparseOptimizer) else SparseOptimizer(**value)
-
-
-def _normalized(value: Any) -> Any:
-    """Tuples and lists alike (YAML and checkpoints keep them differently)."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 class CTRTask(pl.LightningModule):
@@ -207,7 +101,7 @@ class CTRTask(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer"])
-        embedding, sparse_optimizer = _as_spec(embedding), _as_sparse_optimizer(sparse_optimizer)
+        embedding, sparse_optimizer = as_spec(embedding), as_sparse_optimizer(sparse_optimizer)
         self.tables = tables_for(cardinalities, embedding_dim)
         self.embedding_spec = embedding
         if description is not None:
@@ -461,7 +355,7 @@ class CTRTask(pl.LightningModule):
         keys = ("name", "version", "config", "stage")
         theirs = {k: saved["method"][k] for k in keys}
         ours = {k: mine["method"][k] for k in keys}
-        if _normalized(theirs) != _normalized(ours):
+        if normalized(theirs) != normalized(ours):
             raise ValueError(
                 f"The checkpoint was written by method {theirs}, this task holds {ours}: load it with "
                 "CTRTask.load_from_checkpoint(path) (or recsys-embed test/validate --ckpt_path, which rebuild the "
@@ -498,23 +392,8 @@ class CTRTask(pl.LightningModule):
         dense = self.optimizer_factory([p for p in dense_parameters(self) if id(p) not in owned])
         optimizers = [dense]
         for group in groups:
-            cls = _OPTIMIZERS.get(group.optimizer.lower())
-            if cls is None:
-                raise ValueError(
-                    f"Parameter group {group.name!r} of method {self.embedding.name!r} asks for optimizer "
-                    f"{group.optimizer!r}; known: {sorted(_OPTIMIZERS)}."
-                )
-            optimizers.append(cls(group.params, lr=group.lr, **group.options))
+            optimizers.append(group_optimizer(group, self.embedding.name))
             log.info(
-                "Stage %r: parameter group %r with %s (lr %g)", self.embedding.stage, group.name, cls.__name__, group.lr
+                "Stage %r: parameter group %r, %s (lr %g)", self.embedding.stage, group.name, group.optimizer, group.lr
             )
         return optimizers
-
-
-#: optimizers a stage's parameter group may name
-_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-    "adagrad": torch.optim.Adagrad,
-}
