@@ -33,7 +33,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 #: the ratio each method is built at on the small test tables (mde cannot go below dim 4 on dim-8 tables)
-TEST_RATIO = {"full": 1.0, "mde": 1.5}
+TEST_RATIO = {"full": 1.0, "mde": 1.5, "dhe": 1.5}
 
 
 def budget_for(name: str, default: float = 4.0) -> Budget:
