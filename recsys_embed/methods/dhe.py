@@ -2,24 +2,28 @@
 
 Idea (Kang et al., KDD'21, "Learning to Embed Categorical Features without Embedding Tables for Recommendation"):
 id ``x`` is encoded by ``k`` universal hashes ``h_i(x) = ((a_i * x + b_i) mod p) mod m`` (``p = 2^31 - 1``, a
-Mersenne prime: ``a_i * x`` fits int64 and ``mod p`` is two shifts), each bucket made a real number (``uniform``:
+Mersenne prime: products fit int64 and ``mod p`` is shifts and masks), each bucket made a real number (``uniform``:
 ``2 h / (m - 1) - 1`` in ``[-1, 1]``; ``gaussian``: Box-Muller on pairs of hashes), and an MLP (``k -> width ->
 ... -> d``, Mish activations) decodes that vector into the embedding. The decoder runs once per *unique* id of a
 table in the batch; the bags are then pooled with ``embedding_bag`` over the decoded rows. Defaults follow the
-VLDB'24 benchmark (Zhang et al., arXiv 2311.15578): ``k = 1024``, ``m = 10^6``, uniform. Unlike the paper, the
+VLDB'24 benchmark (Zhang et al., arXiv 2311.15578), ``m = 10^6``, uniform, except ``k``: 256 here, not their 1024,
+because on CPU the encoding (linear in ``k``) dominates the train step (pass ``num_hashes=1024`` for their
+setting; at a fixed budget a smaller ``k`` also leaves more of it to the decoder's width). Unlike the paper, the
 decoder has no batch norm (a served embedding must not depend on the rest of the batch). One decoder per table
-(the paper); one set of ``k`` hashes for all tables (their parameters ``a, b`` are int64 buffers). As in the
-benchmark's per-table mode, a table whose full rows take no more bytes than a decoder keeps its rows (a TorchRec
-table), unless ``keep_small_tables=False``.
+(the paper); one set of ``k`` hashes for all tables (``3k`` multipliers and ``k`` offsets, int64 buffers). As in
+the benchmark's per-table mode, a table whose full rows take no more bytes than a decoder keeps its rows (a
+TorchRec table), unless ``keep_small_tables=False``.
 
-Ids are reduced mod ``p`` first, so any int64 id >= 0 hashes without overflow (also above the declared
-cardinality); ids below ``p`` get distinct encodings with overwhelming probability, ids ``x`` and ``x + p`` alias.
+Any int64 id >= 0 hashes exactly, without overflow, also above the declared cardinality: an id is written in
+base ``p``, ``x = x0 + x1 p + x2 p^2``, and hashed as the vector ``(a0_i x0 + a1_i x1 + a2_i x2 + b_i) mod p``
+(Carter-Wegman; for ids below ``p`` exactly the paper's hash), so no structured aliasing (``x`` vs ``x + p``):
+distinct ids get distinct encodings with overwhelming probability.
 
-Memory: ``8 * 2k + sum_t min(n_t * d_t * 4, decoder_t)`` bytes with ``decoder_t = 4 * (k * w + w + (L - 1) * (w^2
+Memory: ``8 * 4k + sum_t min(n_t * d_t * 4, decoder_t)`` bytes with ``decoder_t = 4 * (k * w + w + (L - 1) * (w^2
 + w) + w * d_t + d_t)`` for ``L = hidden_layers`` layers of width ``w`` (``keep_small_tables=False``: every table
 pays ``decoder_t``). The budget solver picks the largest ``width`` that fits.
 
-Cost: a train step is dominated by the encoding (``~17`` int64 passes over a ``(unique ids, k)`` array) and the
+Cost: a train step is dominated by the encoding (``~20`` int64 passes over a ``(unique ids, k)`` array) and the
 decoder's first layer (``unique ids x k x width`` multiply-adds, forward and backward).
 
 Example::
@@ -51,29 +55,43 @@ log = logging.getLogger(__name__)
 PRIME = (1 << 31) - 1  # Mersenne: x mod p = (x & p) + (x >> 31), folded
 
 
-def hash_parameters(num_hashes: int, seed: int) -> tuple[list[int], list[int]]:
-    """``a_i`` in ``[1, p)`` and ``b_i`` in ``[0, p)``, from seeded SplitMix64 (stable across processes/versions)."""
-    a = [(reference_hash64(i, 2 * seed) & (2**63 - 1)) % (PRIME - 1) + 1 for i in range(num_hashes)]
-    b = [(reference_hash64(i, 2 * seed + 1) & (2**63 - 1)) % PRIME for i in range(num_hashes)]
+def hash_parameters(num_hashes: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """Multipliers ``a[j][i]`` in ``[1, p)`` (one per base-``p`` digit ``j`` of the id) and offsets ``b[i]`` in
+    ``[0, p)``, from seeded SplitMix64 (stable across processes and versions)."""
+    a = [
+        [(reference_hash64(i, 4 * seed + j) & (2**63 - 1)) % (PRIME - 1) + 1 for i in range(num_hashes)]
+        for j in range(3)
+    ]
+    b = [(reference_hash64(i, 4 * seed + 3) & (2**63 - 1)) % PRIME for i in range(num_hashes)]
     return a, b
 
 
-def reference_buckets(x: int, a: Sequence[int], b: Sequence[int], buckets: int) -> list[int]:
-    """Pure-Python ``((a_i * (x mod p) + b_i) mod p) mod m``, the definition :func:`hash_buckets` is tested on."""
-    return [((ai * (x % PRIME) + bi) % PRIME) % buckets for ai, bi in zip(a, b)]
+def reference_buckets(x: int, a: Sequence[Sequence[int]], b: Sequence[int], buckets: int) -> list[int]:
+    """Pure-Python ``((a0_i x0 + a1_i x1 + a2_i x2 + b_i) mod p) mod m`` for ``x = x0 + x1 p + x2 p^2`` (digits
+    below ``p``), the definition :func:`hash_buckets` is tested on; for ``x < p``: ``((a0_i x + b_i) mod p) mod m``."""
+    digits = (x % PRIME, x // PRIME % PRIME, x // PRIME**2)
+    return [(sum(aj[i] * d for aj, d in zip(a, digits)) + b[i]) % PRIME % buckets for i in range(len(b))]
 
 
 @torch.fx.wrap
 def hash_buckets(ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor, buckets: int) -> torch.Tensor:
-    """``(U, k)`` int64: ``((a_i * (x mod p) + b_i) mod p) mod m`` for ids ``(U,)`` >= 0, exact, in place passes."""
-    y = (ids & PRIME) + (ids >> 31)  # x mod p: fold twice (x < 2^63, so y <= p + 3), then exactly (below)
-    y = (y & PRIME) + (y >> 31)
-    y = ((y + ((y + 1) >> 31)) & PRIME).unsqueeze(1)
-    s = y * a  # < p^2: fits int64
-    s += b  # <= p (p - 1)
-    t = torch.bitwise_right_shift(s, 31)
-    s &= PRIME
-    s += t  # <= 2p - 2
+    """``(U, k)`` int64 buckets of ids ``(U,)`` >= 0 (:func:`reference_buckets`), exact int64, in-place passes.
+
+    Bounds: digits and multipliers are below ``p`` and ``x2 <= 2``, so the sum is below ``2 p^2 < 2^63``; two
+    Mersenne folds leave at most ``p + 2``, an exact step gives ``mod p``, and Barrett's multiply-shift ``mod m``.
+    """
+    quotient = ids.div(PRIME, rounding_mode="floor")
+    digits = (ids - quotient * PRIME, quotient.remainder(PRIME), quotient.div(PRIME, rounding_mode="floor"))
+    s = digits[0].unsqueeze(1) * a[0]  # <= (p - 1)^2
+    s += b
+    t = torch.mul(digits[1].unsqueeze(1), a[1])
+    s += t
+    torch.mul(digits[2].unsqueeze(1), a[2], out=t)
+    s += t  # < 2 p^2 < 2^63
+    for _ in range(2):  # (s & p) + (s >> 31) == s (mod p): <= p + 2^32, then <= p + 2
+        torch.bitwise_right_shift(s, 31, out=t)
+        s &= PRIME
+        s += t
     torch.add(s, 1, out=t)  # exact mod p for s <= 2p: (s + ((s + 1) >> 31)) & p
     t >>= 31
     s += t
@@ -111,7 +129,7 @@ class DeepHashEmbedding(EmbeddingMethod):
         tables: Sequence[EmbeddingBagConfig],
         *,
         width: int,
-        num_hashes: int = 1024,
+        num_hashes: int = 256,
         buckets: int = 1_000_000,
         hidden_layers: int = 2,
         distribution: Literal["uniform", "gaussian"] = "uniform",
@@ -145,7 +163,7 @@ class DeepHashEmbedding(EmbeddingMethod):
         kept = [t for t, dec in zip(self._tables, self.decoded) if not dec]
         self.unbounded_features = {f for t, dec in zip(self._tables, self.decoded) if dec for f in t.feature_names}
         a, b = hash_parameters(num_hashes, seed)
-        self.register_buffer("hash_a", torch.tensor(a, dtype=torch.int64, device=dev))
+        self.register_buffer("hash_a", torch.tensor(a, dtype=torch.int64, device=dev))  # (3, k)
         self.register_buffer("hash_b", torch.tensor(b, dtype=torch.int64, device=dev))
         self.decoders = nn.ModuleDict(
             {t.name: self._decoder(t.embedding_dim, dev) for t, dec in zip(self._tables, self.decoded) if dec}
@@ -204,7 +222,7 @@ class DeepHashEmbedding(EmbeddingMethod):
             else decoder_params(k, width, layers, t.embedding_dim)
             for t in tables
         )
-        return 2 * k * INT64_BYTES + rows * FP32_BYTES
+        return 4 * k * INT64_BYTES + rows * FP32_BYTES
 
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> DeepHashEmbedding:
