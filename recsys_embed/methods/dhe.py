@@ -19,9 +19,9 @@ base ``p``, ``x = x0 + x1 p + x2 p^2``, and hashed as the vector ``(a0_i x0 + a1
 (Carter-Wegman; for ids below ``p`` exactly the paper's hash), so no structured aliasing (``x`` vs ``x + p``):
 distinct ids get distinct encodings with overwhelming probability.
 
-Memory: ``8 * 4k + sum_t min(n_t * d_t * 4, decoder_t)`` bytes with ``decoder_t = 4 * (k * w + w + (L - 1) * (w^2
-+ w) + w * d_t + d_t)`` for ``L = hidden_layers`` layers of width ``w`` (``keep_small_tables=False``: every table
-pays ``decoder_t``). The budget solver picks the largest ``width`` that fits.
+Memory: ``8 * 4k + sum_t min(n_t d_t, k w + w + (L - 1)(w^2 + w) + w d_t + d_t) * 4`` bytes: the hash
+parameters, then per table its rows or its decoder of ``L = hidden_layers`` layers of width ``w`` (with
+``keep_small_tables=False`` every table pays the decoder). The budget solver picks the largest ``width`` that fits.
 
 Cost: a train step is dominated by the encoding (``~20`` int64 passes over a ``(unique ids, k)`` array) and the
 decoder's first layer (``unique ids x k x width`` multiply-adds, forward and backward).
