@@ -172,3 +172,19 @@ def test_gaussian_and_deeper_decoders_train() -> None:
         optimizer.step()
         optimizer.zero_grad()
     assert loss.item() < 0.5 * first
+
+
+def test_all_decoded_gaussian_form_traces_and_exports_on_mixed_tables() -> None:
+    """No kept tables, Box-Muller, mixed dims and a table read by two features: fx and export equal eager."""
+    from recsys_embed.methods.serving import export_serving, trace_serving
+    from tests.test_export import MIXED, mixed_batch
+
+    torch.manual_seed(0)
+    options = {"width": 5, "num_hashes": 32, "distribution": "gaussian", "keep_small_tables": False}
+    served = build_embedding("dhe", MIXED, **options).to_serving()
+    forms = [trace_serving(served), export_serving(served, mixed_batch(MIXED, 4, 3, seed=1)).module()]
+    for seed, (size, max_len) in enumerate([(4, 1), (4, 3), (7, 2)], start=40):
+        expected = served(mixed_batch(MIXED, size, max_len, seed)).values()
+        for form in forms:
+            got = form(mixed_batch(MIXED, size, max_len, seed)).values()
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
