@@ -104,8 +104,10 @@ def pooled_note(group: pd.DataFrame) -> str:
     ok = group[group["status"] == "ok"]
     counts = ok.groupby(["method_label", "budget_ratio"])["seed"].nunique()
     per_entry = values_of(pd.DataFrame({"n": counts.to_numpy()}), "n")
+    older = identity(group["settings"].iloc[0]).get("format", 0) < IDENTITY_FORMAT
+    same = f"{OLDER_FORMAT}: data fingerprint and defaults unknown" if older else "nothing else differs"
     return (
-        f"Each entry pools the seeds of one setting (nothing else differs): seeds {values_of(group, 'seed')}; "
+        f"Each entry pools the seeds of one setting ({same}): seeds {values_of(group, 'seed')}; "
         f"{per_entry} ok seed(s) per entry."
     )
 
@@ -156,6 +158,14 @@ def header(frame: pd.DataFrame, output: Path) -> list[str]:
     return lines
 
 
+def _optimizer(settings: Any) -> str:
+    """``name (lr x)`` of a sparse or dense optimizer's settings (the other arguments are in the identity)."""
+    if not isinstance(settings, Mapping):
+        return "?"
+    args = settings.get("init_args", settings)
+    return f"{settings.get('class_path', settings.get('name', '?'))} (lr {args.get('lr', '?')})"
+
+
 def section_facts(group: pd.DataFrame) -> list[str]:
     """A section's data, model and training, read from its rows (one setting group)."""
     settings = _json_values(group, "settings")
@@ -179,7 +189,8 @@ def section_facts(group: pd.DataFrame) -> list[str]:
         f"- training: embedding dim {values_of(group, 'embedding_dim')}, batch {values_of(group, 'batch_size')} (eval "
         f"{values_of(group, 'eval_batch_size')}), max_epochs {values_of(group, 'max_epochs')}, max_steps "
         f"{values_of(group, 'max_steps')}, limit_train_batches {training.get('limit_train_batches', '?')}; train steps "
-        f"run per cell: {values_of(ok, 'steps')}; sparse optimizer {training.get('sparse_optimizer')}; dense optimizer "
-        f"{training.get('optimizer')}; recsys_embed {first.get('recsys_embed', 'not recorded')}",
+        f"run per cell: {values_of(ok, 'steps')}; sparse optimizer {_optimizer(training.get('sparse_optimizer'))}; "
+        f"dense optimizer {_optimizer(training.get('optimizer'))}; recsys_embed "
+        f"{first.get('recsys_embed', 'not recorded')}",
         f"- {pooled_note(group)}",
     ]
