@@ -188,3 +188,15 @@ def test_older_result_folders_stay_readable_and_apart(tmp_path: Path) -> None:
         "## tiny / DLRM (older results: identity format < 2, settings not fully recorded; format=—, recsys_embed=—)",
     ]
     assert "settings not fully recorded: data fingerprint and defaults unknown): seeds 0, 1" in report
+
+
+def test_a_folder_with_only_results_parquet_says_to_copy_the_cell_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_sweep(expand_grid(parse_spec(hash_only())), tmp_path, runner=auc_runner(0.6), progress=False)
+    build_report(tmp_path)
+    for path in (tmp_path / "cells").glob("*.parquet"):
+        path.unlink()
+    assert main(["bench", "report", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "results.parquet is the report's output, not read back: copy the cells/ folders" in err[0]

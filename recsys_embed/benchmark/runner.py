@@ -324,15 +324,15 @@ def run_sweep(
 
 def done_ids(cells: Sequence[Cell], frame: pd.DataFrame) -> set[str]:
     """The cells a re-run skips: ``ok``, or ``infeasible`` under the method's current solver version."""
-    status = frame.set_index("cell_id")["status"].to_dict()
-    solver = frame.set_index("cell_id")["solver"].to_dict()
+    rows = frame.set_index("cell_id")
+    status, solver = rows["status"].to_dict(), rows["solver"].to_dict()
     done = set()
     for cell in cells:
-        verdict = status.get(cell.cell_id)
-        if verdict == "ok" or (
-            verdict == "infeasible" and solver.get(cell.cell_id) == solver_version(cell.method.name)
-        ):
-            done.add(cell.cell_id)
+        cell_id = cell.cell_id
+        if status.get(cell_id) == "ok":
+            done.add(cell_id)
+        elif status.get(cell_id) == "infeasible" and solver.get(cell_id) == solver_version(cell.method.name):
+            done.add(cell_id)
     return done
 
 
