@@ -64,6 +64,20 @@ def test_one_fit_is_one_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert sorted(p.name for p in (tmp_path / "runs" / "synthetic_dlrm").iterdir()) == ["lightning_logs"]
 
 
+def test_a_staged_fit_logs_every_stage_to_one_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests import staged_toy
+
+    monkeypatch.chdir(tmp_path)
+    with staged_toy.registered():
+        main(["fit", "--config", CONFIG, *TINY, f"--model.embedding.method={staged_toy.NAME}"])
+    (folder,) = (tmp_path / "runs" / "synthetic_dlrm" / "lightning_logs").iterdir()
+    header = (folder / "metrics.csv").read_text().splitlines()[0]
+    assert "stage_time_s/warmup" in header and "stage_time_s/frozen" in header
+    assert (folder / "config.yaml").is_file() and list(folder.glob("events.out.tfevents.*"))
+    stages = tmp_path / "runs" / "synthetic_dlrm" / "stages"  # the resume points: one folder for every rerun
+    assert (stages / "warmup" / "final.ckpt").is_file() and (stages / "frozen" / "final.ckpt").is_file()
+
+
 def test_fit_with_a_compressed_method_and_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["--model.embedding.method=hash", "--model.embedding.budget.ratio=20", "--trainer.max_steps=2"]
