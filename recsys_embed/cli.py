@@ -291,7 +291,7 @@ SUBCOMMAND_USAGE = "%(prog)s [-c CONFIG] [--print_config] [--OPTION VALUE ...] [
 
 def main(args: list[str] | None = None) -> int | None:
     """The ``recsys-embed`` entry point: ``fit``/``validate``/``test``/``predict`` (LightningCLI), ``bench``,
-    ``methods``. Returns the exit status: ``None`` (success) or 2 after printing a user error's one line."""
+    ``methods``, ``data``. Returns the exit status: ``None`` (success) or 2 after printing a user error's one line."""
     debug, argv = debug_requested(list(sys.argv[1:] if args is None else args))
     package_log = logging.getLogger("recsys_embed")
     if not package_log.handlers:
