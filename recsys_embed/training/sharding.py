@@ -53,10 +53,10 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
-from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import Awaitable, ShardingEnv, ShardingPlan, ShardingType
 
-from recsys_embed.methods.base import EmbeddingMethod
+from recsys_embed.methods.base import TBE_DIM_MULTIPLE, EmbeddingMethod
 from recsys_embed.methods.fused import FusedTables, check_fusable, fbgemm_fused_params
 from recsys_embed.methods.storage import PRECISION_BYTES, SparseOptimizer, TableStorage
 from recsys_embed.training.sharded_state import (  # noqa: F401 - also this module's API
@@ -231,6 +231,7 @@ def plan_sharding(
     *,
     device: torch.device,
     memory_cap_bytes: int | None = None,
+    column_shard_dim: int | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> ShardingPlan:
     """Plan with TorchRec's ``EmbeddingShardingPlanner`` on every rank (same inputs, same plan).
@@ -238,6 +239,8 @@ def plan_sharding(
     ``memory_cap_bytes`` caps each rank's table storage (host memory on CPU, HBM on CUDA). Planning runs locally
     on each rank and the outcomes are exchanged, so a plan that does not fit raises :class:`ShardingPlanError` with
     the planner's message on every rank instead of leaving the others waiting in a collective.
+    ``column_shard_dim`` sets the width of column-wise shards (TorchRec's ``min_partition``; default: 128, so
+    narrower tables stay whole under column-wise sharding).
     """
     world = dist.get_world_size(group)
     caps = {}
@@ -247,9 +250,11 @@ def plan_sharding(
         trainer_config=TrainerConfig(world_size=world, local_world_size=local_world_size(world), **caps),
         kernel_config=KernelConfig(compute_device=device.type),
     )
+    constraints = _column_constraints(module, column_shard_dim)  # a bad width fails alike on every rank
     plan, error = None, None
     try:
-        plan = EmbeddingShardingPlanner(topology=topology).plan(module, list(sharders))  # type: ignore[arg-type]
+        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+        plan = planner.plan(module, list(sharders))  # type: ignore[arg-type]
     except Exception as exc:  # the planner raises several types; all are reported the same way
         error = re.sub(r" at 0x[0-9a-f]+", "", f"{type(exc).__name__}: {exc}")  # same text on every rank
     errors: list[str | None] = [None] * world
@@ -267,6 +272,24 @@ def plan_sharding(
         )
     assert plan is not None
     return plan
+
+
+def _column_constraints(module: nn.Module, column_shard_dim: int | None) -> dict[str, ParameterConstraints] | None:
+    """The planner's per-table constraints that make column-wise shards ``column_shard_dim`` wide."""
+    if column_shard_dim is None:
+        return None
+    if column_shard_dim <= 0 or column_shard_dim % TBE_DIM_MULTIPLE:
+        raise ValueError(
+            f"column_shard_dim must be a positive multiple of {TBE_DIM_MULTIPLE} (fbgemm's kernels need it); got "
+            f"{column_shard_dim}."
+        )
+    names = {
+        t.name
+        for m in module.modules()
+        if isinstance(m, _COLLECTION_TYPES)
+        for t in (m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs())
+    }
+    return {name: ParameterConstraints(min_partition=column_shard_dim) for name in sorted(names)}
 
 
 def local_world_size(world: int) -> int:
@@ -307,6 +330,7 @@ def shard_model(
     device: torch.device,
     sharding_types: Sequence[str] | None = None,
     memory_cap_bytes: int | None = None,
+    column_shard_dim: int | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> DistributedModelParallel:
     """Shard the declared tables of every method below ``module`` over the process group, keeping their weights.
@@ -333,7 +357,14 @@ def shard_model(
         sharder_class[pooled](optimizer, kinds, [d for d in declared if d.storage.pooled == pooled])
         for pooled, kinds in types.items()
     ]
-    plan = plan_sharding(module, sharders, device=device, memory_cap_bytes=memory_cap_bytes, group=group)
+    plan = plan_sharding(
+        module,
+        sharders,
+        device=device,
+        memory_cap_bytes=memory_cap_bytes,
+        column_shard_dim=column_shard_dim,
+        group=group,
+    )
     world = dist.get_world_size(group)
     sharded = DistributedModelParallel(
         module, env=ShardingEnv.from_process_group(group), device=device, plan=plan, sharders=sharders
