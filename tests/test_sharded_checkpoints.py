@@ -19,6 +19,7 @@ import torch
 from recsys_embed.data import CTRDataModule
 from recsys_embed.methods.fused import FusedTables, fuse_tables
 from recsys_embed.training import CTRTask
+from recsys_embed.training.planning import _column_constraints
 from recsys_embed.training.sharded_state import load_fused_optimizer_state
 from tests.checkpoint_worker import LIGHTNING_STEPS, OPTIMIZER, TABLES, build, cases
 from tests.conftest import make_tables, random_kjt
@@ -164,3 +165,9 @@ def test_a_column_wise_lightning_checkpoint_resumes_exactly_on_two_processes_and
         assert_equal_states(again["fused_optimizer_state"], first["fused_optimizer_state"])
         if name is not None:  # two processes restored each column shard's own accumulator
             assert_equal_states(again["fused_optimizer_column_shards"], first["fused_optimizer_column_shards"])
+
+
+@pytest.mark.parametrize("width", [0, 6])
+def test_a_column_shard_dim_that_is_not_a_positive_multiple_of_4_is_a_clear_error(width: int) -> None:
+    with pytest.raises(ValueError, match=rf"column_shard_dim must be a positive multiple of 4.*got {width}"):
+        _column_constraints(build("full", make_tables(TABLES)), width)

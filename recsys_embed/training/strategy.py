@@ -11,8 +11,9 @@ and multi-node environments) and replaces the model wrapping:
   data-parallel (see :func:`~recsys_embed.training.sharding.shard_model`);
 * the data module slices each global batch per rank (see ``ParquetBatches``), so every rank gets its own rows and
   the same number of batches;
-* checkpoints are consolidated on rank 0 with the unsharded model's keys, so they load on any number of ranks
-  (and without this strategy).
+* checkpoints are consolidated on rank 0 with the unsharded model's keys and the fused optimizer state in one
+  process's layout (plus column shards' own row-wise accumulators), so they load exactly on any number of ranks
+  and any sharding plan (and without this strategy); see ``training/sharded_state.py``.
 
 Any LightningModule with a ``net`` (the model holding the TorchRec tables) and a ``sparse_optimizer``
 (:class:`~recsys_embed.methods.SparseOptimizer`) works; :class:`~recsys_embed.training.CTRTask` is one.
