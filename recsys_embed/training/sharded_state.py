@@ -18,6 +18,14 @@ and TorchRec lays these side by side as one ``[rows * column shards]`` tensor wh
 
 :func:`load_sharded_optimizer_state` gives each local shard of any plan the width-weighted mean (in float64) of the
 saved accumulators over its columns: exact for the same column split and for one process, the mean otherwise.
+
+Example::
+
+    weights = consolidated_state_dict(net)  # every rank calls these; rank 0 gets the whole state
+    state, column_shards = gather_optimizer_state(net)
+    load_sharded_state(other, weights)  # other: sharded on any number of ranks, any plan
+    load_sharded_optimizer_state(other, state, column_shards=column_shards)
+    load_fused_optimizer_state(one_process_net, state)  # FusedTables on one process
 """
 
 from __future__ import annotations
