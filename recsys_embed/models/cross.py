@@ -12,8 +12,9 @@ multiplies ``x0`` element-wise by a function of ``x_l``, so ``x_L`` holds explic
 
 The functions here add a clear error for bad sizes and start the layers as this project's models always did (the
 DCN-v2 matrices and biases like ``nn.Linear``, the DCN vectors ``U(-1/sqrt(d), 1/sqrt(d))`` and zero biases, drawn
-in the same order), so seeded runs keep their figures. TorchRec's own init (Xavier-normal matrices, zero biases) is
-drawn from a forked generator and overwritten.
+in the same order), so seeded runs start from the same weights as before (their outputs differ in float rounding
+only: TorchRec multiplies in another order). TorchRec's own init (Xavier-normal matrices, zero biases) is drawn from
+a forked generator and overwritten.
 
 Example::
 
