@@ -130,7 +130,7 @@ def test_each_epoch_gets_its_own_shuffle(tmp_path: Path, monkeypatch: pytest.Mon
     class Recording(CTRTask):
         def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN202
             if batch_idx == 0:
-                first_ids.append(batch.sparse.values()[:50].tolist())
+                first_ids.append(batch.sparse_features.values()[:50].tolist())
             return super().training_step(batch, batch_idx)
 
     import lightning.pytorch as pl

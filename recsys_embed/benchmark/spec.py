@@ -146,7 +146,7 @@ class ModelEntry:
 
 def available_models() -> list[str]:
     """CTR model classes a spec may name (they take ``(embedding, num_dense, *, options)``)."""
-    return sorted(n for n in model_zoo.__all__ if n not in ("CrossNet", "CrossNetV2"))
+    return sorted(model_zoo.__all__)
 
 
 @dataclass(frozen=True)

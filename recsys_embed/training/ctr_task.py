@@ -263,18 +263,18 @@ class CTRTask(pl.LightningModule):
             fuse_tables(self.net, self.sparse_optimizer, strategy.root_device)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.net(batch.dense, batch.sparse)
+        return self.net(batch.dense_features, batch.sparse_features)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
         sync = self.trainer.world_size > 1
         regularizer = self.embedding.regularizer()
         if regularizer is not None:
-            self.log("train/bce", loss, batch_size=len(batch), sync_dist=sync)
-            self.log("train/regularizer", regularizer, batch_size=len(batch), sync_dist=sync)
+            self.log("train/bce", loss, batch_size=len(batch.labels), sync_dist=sync)
+            self.log("train/regularizer", regularizer, batch_size=len(batch.labels), sync_dist=sync)
             loss = loss + regularizer
         # with several ranks, log the global batch's loss (the mean of the ranks' equal shares)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=sync)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.labels), sync_dist=sync)
         if not self.automatic_optimization:  # the stage has its own parameter groups (see configure_optimizers)
             optimizers = self.optimizers()
             optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -300,8 +300,8 @@ class CTRTask(pl.LightningModule):
         losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
         auc.update(torch.sigmoid(logits), batch.labels.long())
         logloss.update(losses)
-        self.log(f"{stage}/auc", auc, prog_bar=True, batch_size=len(batch))
-        self.log(f"{stage}/logloss", logloss, prog_bar=True, batch_size=len(batch))
+        self.log(f"{stage}/auc", auc, prog_bar=True, batch_size=len(batch.labels))
+        self.log(f"{stage}/logloss", logloss, prog_bar=True, batch_size=len(batch.labels))
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_auc, self.val_logloss, "val")
