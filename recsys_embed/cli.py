@@ -50,6 +50,7 @@ from recsys_embed.console import (
     HeldLogs,
     UsageError,
     debug_requested,
+    package_logger,
     quiet_iterable_length_warning,
     quiet_library_noise,
     user_error_message,
@@ -293,13 +294,7 @@ def main(args: list[str] | None = None) -> int | None:
     """The ``recsys-embed`` entry point: ``fit``/``validate``/``test``/``predict`` (LightningCLI), ``bench``,
     ``methods``, ``data``. Returns the exit status: ``None`` (success) or 2 after printing a user error's one line."""
     debug, argv = debug_requested(list(sys.argv[1:] if args is None else args))
-    package_log = logging.getLogger("recsys_embed")
-    if not package_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        package_log.addHandler(handler)
-        package_log.setLevel(logging.INFO)
-        package_log.propagate = False  # libraries (torchrec) may configure the root logger too: print once
+    package_logger()
     quiet_library_noise()
     with HeldLogs() as held:
         try:

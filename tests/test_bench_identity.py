@@ -197,6 +197,7 @@ def test_a_folder_with_only_results_parquet_says_to_copy_the_cell_files(
     build_report(tmp_path)
     for path in (tmp_path / "cells").glob("*.parquet"):
         path.unlink()
+    capsys.readouterr()  # only what the report command prints
     assert main(["bench", "report", "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "results.parquet is the report's output, not read back: copy the cells/ folders" in err[0]
