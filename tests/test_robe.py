@@ -41,7 +41,7 @@ def batch(size: int = 9, max_len: int = 3, seed: int = 0) -> KeyedJaggedTensor:
 
 
 def array_of(emb: ROBEEmbedding) -> torch.Tensor:
-    return emb.tables.embeddings["robe"].weight  # type: ignore[union-attr]
+    return emb.tables.embedding_bags["robe"].weight  # type: ignore[union-attr]
 
 
 def reference_vector(emb: ROBEEmbedding, array: torch.Tensor, feature: str, x: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ from typing import Literal
 
 import torch
 import torch.fx
-from torchrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import FP32_BYTES, INT64_BYTES, TBE_DIM_MULTIPLE, Budget, check_tables, full_bytes
 from recsys_embed.methods.hash_fn import check_hash_name, hash64, reference_hash64
@@ -110,10 +110,10 @@ class ROBEEmbedding(RemapMethod):
         self.unbounded_features = set(self._feature_names) if hash != "identity" else set()
         self.declare_remap(self.blocks, combine="concat", shared=BLOCKS)  # the combine is lookup's (sign, column)
         dev = torch.device(device or "cpu")
-        array = EmbeddingConfig(
+        array = EmbeddingBagConfig(
             name="robe", num_embeddings=array_size // width, embedding_dim=width, feature_names=[BLOCKS]
         )
-        self.tables = self.add_tables("tables", [array], pooled=False, device=dev)
+        self.tables = self.add_tables("tables", [array], device=dev)  # read in bags of one row (see lookup)
         most = max(self.blocks)
         seeds = seed * 1_000_003 + torch.arange(len(self._tables) * most).view(-1, most)  # per table and block
         self.register_buffer("seeds", seeds.to(dev))
@@ -128,7 +128,7 @@ class ROBEEmbedding(RemapMethod):
         self.register_buffer("within_row", torch.arange(block_size, device=dev).unsqueeze(0), persistent=False)
         with torch.no_grad():
             bound = math.sqrt(1.0 / max(t.num_embeddings for t in self._tables))
-            self.tables.embeddings["robe"].weight.uniform_(-bound, bound)
+            self.tables.embedding_bags["robe"].weight.uniform_(-bound, bound)
 
     def _slots(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(most, N)``: the block slot of block ``k`` of every id, and whether its sign is negative (None: +1)."""
@@ -169,9 +169,11 @@ class ROBEEmbedding(RemapMethod):
 
         picked = id_major(slots)
         rows = torch.div(picked, self.per_row, rounding_mode="floor") if self.per_row > 1 else picked
-        lengths = features.lengths().view(count, -1) * self.blocks_per_feature.unsqueeze(1)
-        physical = make_kjt([BLOCKS], rows, lengths.reshape(-1), batch * count)
-        values = self.tables(physical)[BLOCKS].values()  # (blocks, W): each block's row
+        if not tracing() and ids == 0:  # only empty bags: no block to read (TorchRec cannot look up zero bags)
+            empty = torch.zeros(batch, sum(self._length_per_key), device=rows.device)
+            return keyed(empty, self._feature_names, self._length_per_key)
+        one_each = torch.ones_like(rows)  # every block its own bag: fbgemm's pooled kernels return its row
+        values = self.tables(make_kjt([BLOCKS], rows, one_each, rows.numel())).values()  # (blocks, W)
         if self.per_row > 1:  # the block's Z columns within its row
             columns = (picked - rows * self.per_row).unsqueeze(1) * self.block_size + self.within_row
             values = values.gather(1, columns)
