@@ -17,16 +17,18 @@ whole (block ``k`` of id ``x`` at ``start_t + x * d_t + k * Z``, sign +1): with 
 is the full tables (the known-answer test).
 
 Storage: the array is a TorchRec table of ``array_size / W`` rows of ``W = lcm(Z, 4)`` floats (fbgemm's rows
-are multiples of 4 wide), read unpooled (an ``EmbeddingCollection``) by one physical feature: each block reads
-its row, keeps its ``Z`` columns (all of them when ``Z = W``) and its sign, and the blocks are summed into their
-bags (one ``index_add``; a reshape when every bag holds one id). So the array trains with fbgemm's fused sparse
-optimizer (only the rows read are updated; row-wise Adagrad keeps one accumulator per ``W`` elements) and shards
-like any table. ROBE is a remap method: its id map gives each id's ``d / Z`` physical rows; its combine (column,
-sign, pooling) is its own.
+are multiples of 4 wide), read by one physical feature in bags of one row each (so fbgemm's pooled kernels return
+each block's row; its unpooled CPU backward measured ~8x slower): each block keeps its ``Z`` columns of the row
+(all of them when ``Z = W``) times its sign, and the blocks are summed into their bags (one ``index_add``; a
+reshape when every bag holds one id). So the array trains with fbgemm's fused sparse optimizer (only the rows read
+are updated; row-wise Adagrad keeps one accumulator per ``W`` elements) and shards like any table. ROBE is a
+remap method: its id map gives each id's ``d / Z`` physical rows; its combine (column, sign, pooling) is its own.
+An id costs ``d / Z`` lookups (``hash``: one), so on CPU fbgemm's backward over them dominates the step at
+``Z = 1``; a larger ``block_size`` cuts the lookups ``Z``-fold.
 
-Memory: ``array_size * 4 + 8 * #tables * max_t(d_t) / Z`` bytes (the array plus one int64 seed per logical table
-and block slot). The budget solver takes the largest ``array_size`` (a multiple of ``W``, at most the full tables'
-``sum n_t * d_t``) that fits.
+Memory: ``array_size * 4 + 8 * #tables * max_t(d_t) / block_size`` bytes (the array plus one int64 seed per
+logical table and block slot). The budget solver takes the largest ``array_size`` (a multiple of ``W``, at most
+the full tables' ``sum n_t * d_t``) that fits.
 
 Example::
 
