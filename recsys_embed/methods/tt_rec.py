@@ -1,0 +1,250 @@
+"""``tt_rec``: tensor-train embeddings: each large table is a chain of three small cores, its rows computed per batch.
+
+Idea (Yin et al., MLSys'21, "TT-Rec: Tensor Train Compression for Deep Learning Recommendation Model
+Embeddings"): view an ``n x d`` table as a tensor with modes ``(n1, n2, n3)`` for the rows (``n1 n2 n3 >= n``, a
+little padding) and ``(d1, d2, d3)`` for the dims (``d1 d2 d3 = d``, e.g. ``16 = 2 * 2 * 4``), and store it in
+tensor-train form: three cores ``G_k`` of shape ``(r_{k-1}, n_k, d_k, r_k)``, ``r_0 = r_3 = 1``, ``r_1 = r_2 = r``
+(the ``rank``). Id ``x`` with digits ``(i1, i2, i3)`` (mixed radix ``n1, n2, n3``) has the row
+``G1[:, i1] x G2[:, i2] x G3[:, i3]`` (a chain of matrix products over the ranks) reshaped to ``d``. A batch computes
+the rows of its unique ids with two batched matmuls and sums them per bag (``embedding_bag`` over the batch's row
+matrix), as a full ``EmbeddingBagCollection`` would. The cores are small dense parameters (trained by the dense
+optimizer, replicated under sharding); tables where TT saves nothing stay plain TorchRec tables (fused, sharded).
+
+Factors (:func:`dim_factors`, :func:`row_factors`): balanced, ``d``'s exact, ``n``'s with the smallest possible
+largest factor (``ceil(n^(1/3))``) and then the least padding; the smallest factors go to the middle core, whose
+``r^2`` term dominates. Initialisation, the paper's sampled Gaussian idea: every core entry is drawn from
+``N(0, s_k^2)`` with ``s_1^2 = v^(1/3)``, ``s_2^2 = s_3^2 = v^(1/3) / r``, so each row entry (a sum of ``r^2``
+products) has variance ``v = 1 / (3n)``, that of TorchRec's default ``U(-1/sqrt(n), 1/sqrt(n))`` full table.
+
+Memory: ``sum_{t in TT} (n1 d1 r + r n2 d2 r + r n3 d3) * 4 + sum_{t kept full} n_t * d_t * 4`` bytes. With
+``full_tables=None`` a table is TT when that saves bytes at the given rank, else kept full; a list names the tables
+kept full (``[]``: every table TT). The budget solver picks the largest ``rank`` that fits.
+
+Example::
+
+    emb = build_embedding("tt_rec", tables, budget=Budget(ratio=100))
+    emb = build_embedding("tt_rec", tables, rank=32, full_tables=["t_small"])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+from torch import nn
+from torch.nn.functional import embedding_bag
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+
+from recsys_embed.methods.base import FP32_BYTES, Budget, EmbeddingMethod, check_tables, full_bytes
+from recsys_embed.methods.layouts import keyed
+from recsys_embed.methods.registry import register
+from recsys_embed.methods.solvers import ceil_root, largest_fitting
+
+log = logging.getLogger(__name__)
+Factors = tuple[int, int, int]
+
+
+def _middle_smallest(factors: Sequence[int]) -> Factors:
+    """Sorted ``(a, b, c)`` as ``(b, a, c)``: the smallest factor on the middle core (its ``r^2`` term)."""
+    a, b, c = sorted(factors)
+    return b, a, c
+
+
+def dim_factors(d: int) -> Factors:
+    """Three factors with product exactly ``d``, the most balanced (smallest sum): ``16 -> (2, 2, 4)``."""
+    triples = [(a, b, d // (a * b)) for a in range(1, d + 1) if d % a == 0 for b in range(a, d + 1) if d % (a * b) == 0]
+    return _middle_smallest(min(triples, key=lambda f: (sum(f), max(f))))
+
+
+def row_factors(n: int) -> Factors:
+    """Three factors with product ``>= n``: the largest no more than ``m = ceil(n^(1/3))`` (the most balanced
+    possible), then the least padding ``n1 n2 n3 - n``, then the smallest sum: ``1000 -> (10, 10, 10)``,
+    ``3000 -> (15, 14, 15)``. Only factors ``>= n / m^2`` can be the smallest, so the search is a few steps."""
+    m = ceil_root(n, 3)
+    best: tuple[int, int, Factors] | None = None
+    for a in range(max(1, -(-n // (m * m))), m + 1):
+        for b in range(max(a, -(-n // (a * m))), m + 1):
+            c = -(-n // (a * b))
+            if c <= m and (best is None or (a * b * c, a + b + c) < best[:2]):
+                best = (a * b * c, a + b + c, (a, b, c))
+    assert best is not None  # (m, m, m) always qualifies
+    return _middle_smallest(best[2])
+
+
+def tt_bytes(n: int, d: int, rank: int) -> int:
+    """Bytes of one table's three cores at ``rank``: ``(n1 d1 r + r n2 d2 r + r n3 d3) * 4``."""
+    (n1, n2, n3), (d1, d2, d3) = row_factors(n), dim_factors(d)
+    return (n1 * d1 * rank + rank * n2 * d2 * rank + rank * n3 * d3) * FP32_BYTES
+
+
+def is_tt(table: EmbeddingBagConfig, rank: int, full_tables: Sequence[str] | None) -> bool:
+    """Whether ``table`` is stored as TT cores: named explicitly, or (``full_tables=None``) when that saves bytes."""
+    if full_tables is not None:
+        return table.name not in full_tables
+    return tt_bytes(table.num_embeddings, table.embedding_dim, rank) < table.num_embeddings * table.embedding_dim * 4
+
+
+def tt_rec_bytes(tables: Sequence[EmbeddingBagConfig], rank: int, full_tables: Sequence[str] | None) -> int:
+    """The memory formula: the TT tables' cores plus the tables kept full."""
+    return sum(
+        tt_bytes(t.num_embeddings, t.embedding_dim, rank) if is_tt(t, rank, full_tables) else full_bytes([t])
+        for t in tables
+    )
+
+
+def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor, n2: int, n3: int) -> torch.Tensor:
+    """``(len(ids), d)``: the rows ``G1[:, i1] x G2[:, i2] x G3[:, i3]`` of ``ids``, two batched matmuls."""
+    g1, g2, g3 = cores
+    (_, _, d1, r1), (_, _, d2, r2), d3, count = g1.shape, g2.shape, g3.shape[2], ids.numel()
+    i1 = torch.div(ids, n2 * n3, rounding_mode="floor")
+    rest = ids - i1 * (n2 * n3)
+    i2 = torch.div(rest, n3, rounding_mode="floor")
+    first = g1[0].index_select(0, i1)  # (U, d1, r1)
+    middle = g2.index_select(1, i2).transpose(0, 1).reshape(count, r1, d2 * r2)  # (U, r1, d2 r2)
+    last = g3[..., 0].index_select(1, rest - i2 * n3).transpose(0, 1)  # (U, r2, d3)
+    both = torch.bmm(first, middle).view(count, d1 * d2, r2)  # (U, d1 d2, r2)
+    return torch.bmm(both, last).reshape(count, d1 * d2 * d3)
+
+
+@torch.fx.wrap
+def pooled_tt(
+    cores: list[torch.Tensor],
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    per_key: list[int],
+    first: int,
+    end: int,
+    batch: int,
+    radix: list[int],
+) -> torch.Tensor:
+    """``(B, count * d)``: features ``first .. end - 1`` (one TT table) summed per bag. Rows are computed once per
+    unique id of the batch, then ``embedding_bag`` gathers them per occurrence and sums each bag (an fx leaf: the
+    table's ids are a slice whose bounds depend on the lengths)."""
+    ids = values[sum(per_key[:first]) : sum(per_key[:end])]
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    rows = tt_rows(cores, unique, radix[0], radix[1])
+    bag_lengths = lengths[first * batch : end * batch]
+    offsets = torch.zeros(bag_lengths.numel() + 1, dtype=torch.int64, device=values.device)
+    offsets[1:] = torch.cumsum(bag_lengths, 0)
+    pooled = embedding_bag(inverse, rows, offsets, mode="sum", include_last_offset=True)  # feature-major bags
+    return pooled.view(end - first, batch, rows.shape[1]).transpose(0, 1).reshape(batch, (end - first) * rows.shape[1])
+
+
+@register("tt_rec")
+class TTRecEmbedding(EmbeddingMethod):
+    """Three TT cores per large table (rank ``r``), rows contracted per batch; small tables stay full."""
+
+    budget_knobs = ("rank",)
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        *,
+        rank: int,
+        full_tables: Sequence[str] | None = None,
+        validate_ids: bool = True,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(tables, validate_ids=validate_ids)
+        if rank < 1:
+            raise ValueError(f"Method 'tt_rec' needs rank >= 1 (got {rank}).")
+        names = [t.name for t in self._tables]
+        unknown = sorted(set(full_tables or ()) - set(names))
+        if unknown:
+            raise ValueError(f"Method 'tt_rec': full_tables names unknown tables {unknown}; the tables are {names}.")
+        self.rank = rank
+        dev = torch.device(device or "cpu")
+        tt = [t for t in self._tables if is_tt(t, rank, full_tables)]
+        self.tt_tables = [t.name for t in tt]
+        self.factors = {t.name: (row_factors(t.num_embeddings), dim_factors(t.embedding_dim)) for t in tt}
+        self.cores = nn.ModuleDict({t.name: self._init_cores(t, dev) for t in tt})
+        full = [t for t in self._tables if t.name not in self.cores]
+        if full:
+            self.tables = self.add_tables("tables", full, device=dev)
+        self._full_features = [i for i, f in enumerate(self._feature_names) if self._table_of[f] not in self.cores]
+        # the output in feature order: per TT table (its name, first feature, end feature), or a run of full
+        # features (None, first column of the full tables' output, end column)
+        self._segments: list[tuple[str | None, int, int]] = []
+        feature = column = 0
+        for t in self._tables:
+            count = len(t.feature_names)
+            if t.name in self.cores:
+                self._segments.append((t.name, feature, feature + count))
+            elif self._segments and self._segments[-1][0] is None:
+                self._segments[-1] = (None, self._segments[-1][1], column + count * t.embedding_dim)
+            else:
+                self._segments.append((None, column, column + count * t.embedding_dim))
+            column += 0 if t.name in self.cores else count * t.embedding_dim
+            feature += count
+
+    def _init_cores(self, table: EmbeddingBagConfig, device: torch.device) -> nn.ParameterList:
+        """Gaussian cores whose product has the variance ``1 / (3n)`` of TorchRec's default full-table init."""
+        (n1, n2, n3), (d1, d2, d3), r = *self.factors[table.name], self.rank
+        per_core = (1.0 / (3 * table.num_embeddings)) ** (1 / 3)
+        shapes_and_variances = [
+            ((1, n1, d1, r), per_core),
+            ((r, n2, d2, r), per_core / r),
+            ((r, n3, d3, 1), per_core / r),
+        ]
+        return nn.ParameterList(
+            nn.Parameter(torch.empty(shape, device=device).normal_(0.0, math.sqrt(var)))
+            for shape, var in shapes_and_variances
+        )
+
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        values, lengths, batch = features.values(), features.lengths(), features.stride()
+        per_key = features.length_per_key()
+        full = None
+        if self._full_features:
+            every = len(self._full_features) == len(self._feature_names)
+            full = self.tables(features if every else features.permute(self._full_features)).values()
+        pieces = []
+        for name, first, end in self._segments:
+            if name is None:
+                pieces.append(full[:, first:end])  # type: ignore[index]
+            else:
+                (_, n2, n3), _ = self.factors[name]
+                cores = list(self.cores[name])
+                pieces.append(pooled_tt(cores, values, lengths, per_key, first, end, batch, [n2, n3]))
+        out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        return keyed(out, self._feature_names, self._length_per_key)
+
+    def memory_bytes(self) -> int:
+        return tt_rec_bytes(self._tables, self.rank, self.tt_full_tables())
+
+    def tt_full_tables(self) -> list[str]:
+        """The tables kept full (plain TorchRec rows)."""
+        return [t.name for t in self._tables if t.name not in self.cores]
+
+    @classmethod
+    def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> TTRecEmbedding:
+        """The largest ``rank`` whose bytes fit (bytes grow with the rank; past the exact TT rank of every table,
+        ``max(n1 d1, n3 d3)``, a larger rank adds nothing)."""
+        tables = check_tables(tables)
+        allowed, full = budget.max_bytes(tables), full_bytes(tables)
+        keep = cls.with_defaults(options)["full_tables"]
+        top = max(
+            max(f * g for f, g in zip(row_factors(t.num_embeddings), dim_factors(t.embedding_dim))) for t in tables
+        )
+        smallest, largest = tt_rec_bytes(tables, 1, keep), tt_rec_bytes(tables, top, keep)
+        if smallest > allowed:
+            raise ValueError(
+                f"Method 'tt_rec' cannot fit {allowed} bytes (ratio {full / allowed:.1f}): rank 1 already needs "
+                f"{smallest} bytes, so on these tables it reaches ratios {full / largest:.1f}x to "
+                f"{full / smallest:.1f}x. Ask for at least {smallest} bytes (a ratio of at most "
+                f"{full / smallest:.1f}), or use a method whose rows are shared (e.g. 'hash')."
+            )
+        rank = largest_fitting(lambda r: tt_rec_bytes(tables, r, keep) <= allowed, 1, top)
+        method = cls(tables, **{**options, "rank": rank})  # type: ignore[arg-type]
+        log.info(
+            "tt_rec: rank=%d (%d TT tables, %d full) reaches ratio %.2f (asked %s)",
+            rank,
+            len(method.tt_tables),
+            len(method.tt_full_tables()),
+            method.compression_ratio(),
+            budget,
+        )
+        return method
