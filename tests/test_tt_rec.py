@@ -101,7 +101,8 @@ def tt_svd(
     (n1, n2, n3), (d1, d2, d3) = rows, dims
     padded = torch.zeros(n1 * n2 * n3, d1 * d2 * d3, dtype=torch.float64)
     padded[: table.shape[0]] = table.double()
-    tensor = padded.view(n1, n2, n3, d1, d2, d3).permute(0, 3, 1, 4, 2, 5)  # (n1, d1, n2, d2, n3, d3)
+    # row x = (i1 * n3 + i3) * n2 + i2 (the method's digit order), column (j1 * d2 + j2) * d3 + j3
+    tensor = padded.view(n1, n3, n2, d1, d2, d3).permute(0, 3, 2, 4, 1, 5)  # (n1, d1, n2, d2, n3, d3)
     u, s, vh = torch.linalg.svd(tensor.reshape(n1 * d1, -1), full_matrices=False)
     r1 = min(rank, s.numel())
     g1, rest = u[:, :r1], s[:r1, None] * vh[:r1]
@@ -165,3 +166,24 @@ def test_a_low_rank_table_needs_only_its_rank() -> None:
         for param, core in zip(emb.cores["low"], tt_svd(table, (10, 10, 10), (2, 2, 4), rank=3)):
             param.copy_(core)
     torch.testing.assert_close(emb.all_embeddings("f"), table, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pick", ["all", "one_middle_slice", "one", "none"])
+def test_rows_equal_the_chain_product_per_id(pick: str) -> None:
+    """The grouped contraction against the definition, per id (``x = (i1 * n3 + i3) * n2 + i2``), also when every
+    id falls into one middle slice (the largest padding) and for no ids at all."""
+    g = torch.Generator().manual_seed(2)
+    cores = [
+        torch.randn(1, 5, 2, 3, generator=g),
+        torch.randn(3, 4, 2, 3, generator=g),
+        torch.randn(3, 6, 4, 1, generator=g),
+    ]
+    ids = {
+        "all": torch.arange(120),
+        "one_middle_slice": torch.arange(1, 120, 4),
+        "one": torch.tensor([77]),
+        "none": torch.zeros(0, dtype=torch.int64),
+    }[pick]
+    i2, i3, i1 = ids % 4, (ids // 4) % 6, ids // 24
+    expected = torch.einsum("uia,aujb,buk->uijk", cores[0][0, i1], cores[1][:, i2], cores[2][:, i3, :, 0])
+    torch.testing.assert_close(tt_rows(cores, ids, 4, 6), expected.reshape(-1, 16))

@@ -4,11 +4,12 @@ Idea (Yin et al., MLSys'21, "TT-Rec: Tensor Train Compression for Deep Learning 
 Embeddings"): view an ``n x d`` table as a tensor with modes ``(n1, n2, n3)`` for the rows (``n1 n2 n3 >= n``, a
 little padding) and ``(d1, d2, d3)`` for the dims (``d1 d2 d3 = d``, e.g. ``16 = 2 * 2 * 4``), and store it in
 tensor-train form: three cores ``G_k`` of shape ``(r_{k-1}, n_k, d_k, r_k)``, ``r_0 = r_3 = 1``, ``r_1 = r_2 = r``
-(the ``rank``). Id ``x`` with digits ``(i1, i2, i3)`` (mixed radix ``n1, n2, n3``) has the row
-``G1[:, i1] x G2[:, i2] x G3[:, i3]`` (a chain of matrix products over the ranks) reshaped to ``d``. A batch computes
-the rows of its unique ids with two batched matmuls and sums them per bag (``embedding_bag`` over the batch's row
-matrix), as a full ``EmbeddingBagCollection`` would. The cores are small dense parameters (trained by the dense
-optimizer, replicated under sharding); tables where TT saves nothing stay plain TorchRec tables (fused, sharded).
+(the ``rank``). Id ``x = (i1 * n3 + i3) * n2 + i2`` has the row ``G1[:, i1] x G2[:, i2] x G3[:, i3]`` (a chain of
+matrix products over the ranks) reshaped to ``d``. A batch computes the rows of its unique ids with two batched
+matmuls (the middle core applied per slice to the ids grouped by ``i2``, see :func:`tt_rows`) and sums them per bag
+(``embedding_bag`` over the batch's row matrix), as a full ``EmbeddingBagCollection`` would. The cores are small
+dense parameters (trained by the dense optimizer, replicated under sharding); tables where TT saves nothing stay
+plain TorchRec tables (fused, sharded).
 
 Factors (:func:`dim_factors`, :func:`row_factors`): balanced, ``d``'s exact, ``n``'s with the smallest possible
 largest factor (``ceil(n^(1/3))``) and then the least padding; the smallest factors go to the middle core, whose
@@ -95,18 +96,32 @@ def tt_rec_bytes(tables: Sequence[EmbeddingBagConfig], rank: int, full_tables: S
     )
 
 
+def tt_digits(ids: torch.Tensor, n2: int, n3: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The digits ``(i1, i2, i3)`` of ``ids``, ``x = (i1 * n3 + i3) * n2 + i2``: the middle core's digit is the least
+    significant, so any run of consecutive ids (frequent ids often are) spreads evenly over the middle slices."""
+    rest = torch.div(ids, n2, rounding_mode="floor")
+    i1 = torch.div(rest, n3, rounding_mode="floor")
+    return i1, ids - rest * n2, rest - i1 * n3
+
+
 def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor, n2: int, n3: int) -> torch.Tensor:
-    """``(len(ids), d)``: the rows ``G1[:, i1] x G2[:, i2] x G3[:, i3]`` of ``ids``, two batched matmuls."""
+    """``(len(ids), d)``: the rows ``G1[:, i1] x G2[:, i2] x G3[:, i3]`` of ``ids``, with no per-id copy of the
+    middle core (``r^2`` values): ids go to a padded layout grouped by ``i2`` (``(n2, most, ...)``, ``most`` the
+    largest group), so one batched matmul reads each middle slice once; the outer cores are gathered per id."""
     g1, g2, g3 = cores
-    (_, _, d1, r1), (_, _, d2, r2), d3, count = g1.shape, g2.shape, g3.shape[2], ids.numel()
-    i1 = torch.div(ids, n2 * n3, rounding_mode="floor")
-    rest = ids - i1 * (n2 * n3)
-    i2 = torch.div(rest, n3, rounding_mode="floor")
-    first = g1[0].index_select(0, i1)  # (U, d1, r1)
-    middle = g2.index_select(1, i2).transpose(0, 1).reshape(count, r1, d2 * r2)  # (U, r1, d2 r2)
-    last = g3[..., 0].index_select(1, rest - i2 * n3).transpose(0, 1)  # (U, r2, d3)
-    both = torch.bmm(first, middle).view(count, d1 * d2, r2)  # (U, d1 d2, r2)
-    return torch.bmm(both, last).reshape(count, d1 * d2 * d3)
+    (_, n1, d1, r1), (_, _, d2, r2), d3, count = g1.shape, g2.shape, g3.shape[2], ids.numel()
+    i1, i2, i3 = tt_digits(ids, n2, n3)
+    sizes = torch.zeros(n2, dtype=torch.int64, device=ids.device).index_add_(0, i2, torch.ones_like(i2))
+    most = sizes.max().item()  # (an unbacked size under torch.export)
+    order = torch.argsort(i2, stable=True)
+    rank_in_group = torch.arange(count, device=ids.device) - (torch.cumsum(sizes, 0) - sizes)[i2[order]]
+    slot = torch.empty_like(i2).index_copy_(0, order, i2[order] * most + rank_in_group)  # each id's padded row
+    first = g1[0].reshape(n1, d1 * r1).index_select(0, i1)  # (U, d1 r1)
+    padded = first.new_zeros(n2 * most, d1 * r1).index_copy(0, slot, first)
+    middle = g2.transpose(0, 1).reshape(n2, r1, d2 * r2)  # one copy of the core, not one per id
+    both = torch.bmm(padded.view(n2, most * d1, r1), middle).view(n2 * most, d1 * d2 * r2).index_select(0, slot)
+    last = g3[..., 0].transpose(0, 1).reshape(n3, r2 * d3).index_select(0, i3).view(count, r2, d3)
+    return torch.bmm(both.view(count, d1 * d2, r2), last).reshape(count, d1 * d2 * d3)
 
 
 @torch.fx.wrap
