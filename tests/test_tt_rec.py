@@ -36,7 +36,7 @@ def test_row_factors_are_balanced_with_the_least_padding() -> None:
 def test_memory_is_the_cores_plus_the_tables_kept_full() -> None:
     tables = make_tables((7, 50, 3000), dim=8)
     emb = build_embedding("tt_rec", tables, rank=8)
-    assert emb.tt_tables == ["t2"] and emb.tt_full_tables() == ["t0", "t1"]  # TT would not save bytes on t0, t1
+    assert emb.tt_tables == ["t2"] and emb.kept_full == ["t0", "t1"]  # TT would not save bytes on t0, t1
     assert tt_bytes(50, 8, 8) >= 50 * 8 * 4 and tt_bytes(3000, 8, 8) < 3000 * 8 * 4
     shapes = [tuple(p.shape) for p in emb.cores["t2"]]
     assert shapes == [(1, 15, 2, 8), (8, 14, 2, 8), (8, 15, 2, 1)]

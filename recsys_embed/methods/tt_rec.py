@@ -4,12 +4,11 @@ Idea (Yin et al., MLSys'21, "TT-Rec: Tensor Train Compression for Deep Learning 
 Embeddings"): view an ``n x d`` table as a tensor with modes ``(n1, n2, n3)`` for the rows (``n1 n2 n3 >= n``, a
 little padding) and ``(d1, d2, d3)`` for the dims (``d1 d2 d3 = d``, e.g. ``16 = 2 * 2 * 4``), and store it in
 tensor-train form: three cores ``G_k`` of shape ``(r_{k-1}, n_k, d_k, r_k)``, ``r_0 = r_3 = 1``, ``r_1 = r_2 = r``
-(the ``rank``). Id ``x = (i1 * n3 + i3) * n2 + i2`` has the row ``G1[:, i1] x G2[:, i2] x G3[:, i3]`` (a chain of
-matrix products over the ranks) reshaped to ``d``. A batch computes the rows of its unique ids with two batched
-matmuls (the middle core applied per slice to the ids grouped by ``i2``, see :func:`tt_rows`) and sums them per bag
-(``embedding_bag`` over the batch's row matrix), as a full ``EmbeddingBagCollection`` would. The cores are small
-dense parameters (trained by the dense optimizer, replicated under sharding); tables where TT saves nothing stay
-plain TorchRec tables (fused, sharded).
+(the ``rank``). Id ``x = (i1 * n3 + i3) * n2 + i2`` has the row ``G1[:, i1] x G2[:, i2] x G3[:, i3]`` reshaped to
+``d``. A batch computes the rows of its unique ids with two batched matmuls (the middle core applied per slice to
+the ids grouped by ``i2``, :func:`tt_rows`) and sums them per bag (``embedding_bag`` over the batch's rows), as a
+full ``EmbeddingBagCollection`` would. The cores are small dense parameters (trained by the dense optimizer,
+replicated under sharding); tables where TT saves nothing stay plain TorchRec tables (fused, sharded).
 
 Factors (:func:`dim_factors`, :func:`row_factors`): balanced, ``d``'s exact, ``n``'s with the smallest possible
 largest factor (``ceil(n^(1/3))``) and then the least padding; the smallest factors go to the middle core, whose
@@ -85,7 +84,7 @@ def is_tt(table: EmbeddingBagConfig, rank: int, full_tables: Sequence[str] | Non
     """Whether ``table`` is stored as TT cores: named explicitly, or (``full_tables=None``) when that saves bytes."""
     if full_tables is not None:
         return table.name not in full_tables
-    return tt_bytes(table.num_embeddings, table.embedding_dim, rank) < table.num_embeddings * table.embedding_dim * 4
+    return tt_bytes(table.num_embeddings, table.embedding_dim, rank) < full_bytes([table])
 
 
 def tt_rec_bytes(tables: Sequence[EmbeddingBagConfig], rank: int, full_tables: Sequence[str] | None) -> int:
@@ -98,7 +97,7 @@ def tt_rec_bytes(tables: Sequence[EmbeddingBagConfig], rank: int, full_tables: S
 
 def tt_digits(ids: torch.Tensor, n2: int, n3: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The digits ``(i1, i2, i3)`` of ``ids``, ``x = (i1 * n3 + i3) * n2 + i2``: the middle core's digit is the least
-    significant, so any run of consecutive ids (frequent ids often are) spreads evenly over the middle slices."""
+    significant, so a run of consecutive ids (as frequent ids often are) spreads evenly over the middle slices."""
     rest = torch.div(ids, n2, rounding_mode="floor")
     i1 = torch.div(rest, n3, rounding_mode="floor")
     return i1, ids - rest * n2, rest - i1 * n3
@@ -107,7 +106,9 @@ def tt_digits(ids: torch.Tensor, n2: int, n3: int) -> tuple[torch.Tensor, torch.
 def tt_rows(cores: Sequence[torch.Tensor], ids: torch.Tensor, n2: int, n3: int) -> torch.Tensor:
     """``(len(ids), d)``: the rows ``G1[:, i1] x G2[:, i2] x G3[:, i3]`` of ``ids``, with no per-id copy of the
     middle core (``r^2`` values): ids go to a padded layout grouped by ``i2`` (``(n2, most, ...)``, ``most`` the
-    largest group), so one batched matmul reads each middle slice once; the outer cores are gathered per id."""
+    largest group), so one batched matmul reads each middle slice once; the outer cores are gathered per id. The
+    padding is ``n2 * most - len(ids)`` rows of ``d1 * r`` values (none when the ids spread evenly over the slices,
+    ``(n2 - 1) * len(ids)`` when all share one)."""
     g1, g2, g3 = cores
     (_, n1, d1, r1), (_, _, d2, r2), d3, count = g1.shape, g2.shape, g3.shape[2], ids.numel()
     i1, i2, i3 = tt_digits(ids, n2, n3)
@@ -177,33 +178,27 @@ class TTRecEmbedding(EmbeddingMethod):
         self.factors = {t.name: (row_factors(t.num_embeddings), dim_factors(t.embedding_dim)) for t in tt}
         self.cores = nn.ModuleDict({t.name: self._init_cores(t, dev) for t in tt})
         full = [t for t in self._tables if t.name not in self.cores]
+        self.kept_full = [t.name for t in full]
         if full:
             self.tables = self.add_tables("tables", full, device=dev)
-        self._full_features = [i for i, f in enumerate(self._feature_names) if self._table_of[f] not in self.cores]
-        # the output in feature order: per TT table (its name, first feature, end feature), or a run of full
-        # features (None, first column of the full tables' output, end column)
+        self._full_features = [i for i, f in enumerate(self._feature_names) if self._table_of[f] in self.kept_full]
+        # the output in table order: a TT table's features (name, first, end) or a full one's columns (None, ...)
         self._segments: list[tuple[str | None, int, int]] = []
         feature = column = 0
         for t in self._tables:
             count = len(t.feature_names)
             if t.name in self.cores:
                 self._segments.append((t.name, feature, feature + count))
-            elif self._segments and self._segments[-1][0] is None:
-                self._segments[-1] = (None, self._segments[-1][1], column + count * t.embedding_dim)
             else:
                 self._segments.append((None, column, column + count * t.embedding_dim))
-            column += 0 if t.name in self.cores else count * t.embedding_dim
+                column += count * t.embedding_dim
             feature += count
 
     def _init_cores(self, table: EmbeddingBagConfig, device: torch.device) -> nn.ParameterList:
         """Gaussian cores whose product has the variance ``1 / (3n)`` of TorchRec's default full-table init."""
         (n1, n2, n3), (d1, d2, d3), r = *self.factors[table.name], self.rank
-        per_core = (1.0 / (3 * table.num_embeddings)) ** (1 / 3)
-        shapes_and_variances = [
-            ((1, n1, d1, r), per_core),
-            ((r, n2, d2, r), per_core / r),
-            ((r, n3, d3, 1), per_core / r),
-        ]
+        s2 = (1.0 / (3 * table.num_embeddings)) ** (1 / 3)  # a row entry sums r^2 products: r^2 s2^3 / r^2 = 1 / (3n)
+        shapes_and_variances = [((1, n1, d1, r), s2), ((r, n2, d2, r), s2 / r), ((r, n3, d3, 1), s2 / r)]
         return nn.ParameterList(
             nn.Parameter(torch.empty(shape, device=device).normal_(0.0, math.sqrt(var)))
             for shape, var in shapes_and_variances
@@ -211,7 +206,6 @@ class TTRecEmbedding(EmbeddingMethod):
 
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         values, lengths, batch = features.values(), features.lengths(), features.stride()
-        per_key = features.length_per_key()
         full = None
         if self._full_features:
             every = len(self._full_features) == len(self._feature_names)
@@ -223,27 +217,22 @@ class TTRecEmbedding(EmbeddingMethod):
             else:
                 (_, n2, n3), _ = self.factors[name]
                 cores = list(self.cores[name])
-                pieces.append(pooled_tt(cores, values, lengths, per_key, first, end, batch, [n2, n3]))
+                pieces.append(pooled_tt(cores, values, lengths, features.length_per_key(), first, end, batch, [n2, n3]))
         out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
         return keyed(out, self._feature_names, self._length_per_key)
 
     def memory_bytes(self) -> int:
-        return tt_rec_bytes(self._tables, self.rank, self.tt_full_tables())
-
-    def tt_full_tables(self) -> list[str]:
-        """The tables kept full (plain TorchRec rows)."""
-        return [t.name for t in self._tables if t.name not in self.cores]
+        return tt_rec_bytes(self._tables, self.rank, self.kept_full)
 
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> TTRecEmbedding:
-        """The largest ``rank`` whose bytes fit (bytes grow with the rank; past the exact TT rank of every table,
-        ``max(n1 d1, n3 d3)``, a larger rank adds nothing)."""
+        """The largest ``rank`` whose bytes fit (bytes grow with the rank; past ``max_k n_k d_k`` of every table,
+        above its exact TT ranks, a larger rank adds nothing)."""
         tables = check_tables(tables)
         allowed, full = budget.max_bytes(tables), full_bytes(tables)
         keep = cls.with_defaults(options)["full_tables"]
-        top = max(
-            max(f * g for f, g in zip(row_factors(t.num_embeddings), dim_factors(t.embedding_dim))) for t in tables
-        )
+        factors = [zip(row_factors(t.num_embeddings), dim_factors(t.embedding_dim)) for t in tables]
+        top = max(n * d for pairs in factors for n, d in pairs)
         smallest, largest = tt_rec_bytes(tables, 1, keep), tt_rec_bytes(tables, top, keep)
         if smallest > allowed:
             raise ValueError(
@@ -254,12 +243,8 @@ class TTRecEmbedding(EmbeddingMethod):
             )
         rank = largest_fitting(lambda r: tt_rec_bytes(tables, r, keep) <= allowed, 1, top)
         method = cls(tables, **{**options, "rank": rank})  # type: ignore[arg-type]
+        reached = method.compression_ratio()
         log.info(
-            "tt_rec: rank=%d (%d TT tables, %d full) reaches ratio %.2f (asked %s)",
-            rank,
-            len(method.tt_tables),
-            len(method.tt_full_tables()),
-            method.compression_ratio(),
-            budget,
+            "tt_rec: rank=%d, TT tables %s, reaches ratio %.2f (asked %s)", rank, method.tt_tables, reached, budget
         )
         return method
