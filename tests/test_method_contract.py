@@ -118,11 +118,18 @@ def test_state_dict_round_trip(name: str) -> None:
     torch.testing.assert_close(target(kjt).values(), source(kjt).values())
 
 
+#: methods whose compressed tables are dense parameters (cores, MLPs), not rows: fused tables alone cannot fit the
+#: task, so their "fused" mode is skipped (the "fused_and_dense" mode, as training runs them, checks that they learn)
+DENSE_COMPRESSION = {"tt_rec": "its compressed tables are TT cores, trained by the dense optimizer"}
+
+
 @pytest.mark.parametrize("mode", ["plain", "fused", "fused_and_dense"])
 def test_loss_decreases_on_a_tiny_task(name: str, mode: str) -> None:
     """Regress each bag's sum onto a fixed random target; the method must fit it better after training: plain
     (Adagrad on every parameter), fused (fbgemm's Adagrad in the tables only), and as training runs it (row-wise
     Adagrad fused in the tables plus Adam on every other parameter)."""
+    if mode == "fused" and name in DENSE_COMPRESSION:
+        pytest.skip(f"{name!r}: {DENSE_COMPRESSION[name]}")
     tables = make_tables((7, 50, 3000), dim=8)
     torch.manual_seed(0)
     emb = build_embedding(name, tables, budget=budget_for(name, 2.0), **method_options(name, tables))
