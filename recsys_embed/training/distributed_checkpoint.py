@@ -24,13 +24,16 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -48,6 +51,8 @@ from recsys_embed.training.sharded_state import (
 BLOCK = 4
 #: DCP key prefixes of an element-wise and a row-wise (column-blocked) fused optimizer state
 ELEMENT_WISE, ROW_WISE = "fused_optimizer", "fused_optimizer_blocks"
+#: the checkpoint entry naming the shards folder (relative to the checkpoint file) of a sharded checkpoint
+SHARDS_KEY = "sharded_tables"
 
 
 def shards_folder(checkpoint: str | Path) -> Path:
@@ -185,3 +190,76 @@ def read_sharded_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], Opt
         if not torch.equal(value, value[:, :1].expand_as(value)):
             column_shards.setdefault(path, {})[key_in_path] = {"column_offsets": offsets, "values": value.T.clone()}
     return weights, optimizer, column_shards
+
+
+def load_dense_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a sharded checkpoint file's ``state_dict`` (every entry but the sharded tables) into ``module``."""
+    targets = {k: v for k, v in module.state_dict().items() if not isinstance(v, ShardedTensor)}
+    missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise ValueError(
+            f"The checkpoint's dense entries do not match the model: {len(missing)} missing (first: {missing[:3]}), "
+            f"{len(unexpected)} unexpected (first: {unexpected[:3]}). Load it into the model that wrote it."
+        )
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(state[key])
+
+
+def is_sharded_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether a loaded checkpoint dict keeps its tables in a shards folder (written by several ranks)."""
+    return SHARDS_KEY in checkpoint
+
+
+def sharded_checkpoint_error(checkpoint: Mapping[str, Any]) -> ValueError:
+    """The error of loading a sharded checkpoint where only a one-file checkpoint loads."""
+    return ValueError(
+        f"This checkpoint keeps its tables in the folder {checkpoint[SHARDS_KEY]!r} beside it (written by several "
+        "ranks): load it with the torchrec strategy (--trainer.strategy torchrec, any number of devices), or "
+        "consolidate it into one file first: python -m recsys_embed.training.distributed_checkpoint CKPT OUT.ckpt"
+    )
+
+
+def consolidated_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint file ``path`` as one process's checkpoint: if its tables are in a shards folder, they are
+    read (see :func:`read_sharded_state`) into ``state_dict``, ``fused_optimizer_state`` and
+    ``fused_optimizer_column_shards``, the layout a one-process or consolidated sharded run writes."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    folder = checkpoint.pop(SHARDS_KEY, None)
+    if folder is None:
+        return checkpoint
+    weights, optimizer, column_shards = read_sharded_state(Path(path).with_name(folder))
+    checkpoint["state_dict"] = {**checkpoint["state_dict"], **weights}
+    checkpoint["fused_optimizer_state"] = optimizer
+    checkpoint["fused_optimizer_column_shards"] = column_shards
+    return checkpoint
+
+
+def consolidate_checkpoint(path: str | Path, out: str | Path) -> None:
+    """Write the sharded checkpoint ``path`` (its file and shards folder) as the one file ``out`` (one process,
+    host memory for the whole model), which ``CTRTask.load_from_checkpoint`` and ``recsys-embed predict`` take."""
+    if Path(out).resolve() == Path(path).resolve():
+        raise ValueError(f"Write the consolidated checkpoint to another file than {path} (its shards need it).")
+    torch.save(consolidated_checkpoint(path), out)
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint file and its shards folder, if any."""
+    Path(path).unlink(missing_ok=True)
+    shutil.rmtree(shards_folder(path), ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m recsys_embed.training.distributed_checkpoint CKPT OUT``: consolidate a sharded checkpoint."""
+    parser = argparse.ArgumentParser(description="Write a sharded checkpoint (CKPT and CKPT.shards/) as one file.")
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        consolidate_checkpoint(args.checkpoint, args.out)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()
