@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,9 @@ def read_sharded_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], Opt
     reload exactly."""
     folder = Path(folder)
     saved = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in _saved_entries(folder).items()}
-    dcp.load(saved, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads on one process: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(saved, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
     weights: dict[str, torch.Tensor] = {}
     optimizer: OptimizerState = {}
     column_shards: ColumnShards = {}
