@@ -17,9 +17,9 @@ column-wise shards ``COLUMN_SHARD_DIM`` wide (so dim-8 tables split in two), on 
                   into shards of that plan, compared
 
 and ``errors.json`` (the messages of loading a state with an unexpected or a missing entry into shards, and a
-sharded checkpoint into another model). Then it fits :class:`~recsys_embed.training.CTRTask` with the ``torchrec``
-strategy column-wise (``lightning.ckpt`` and its shards folder; ``lightning.consolidated.ckpt``, the same state
-gathered into one file; ``removed.ckpt``, saved and removed) and resumes it at its last step
+sharded checkpoint into another model or other table sizes). Then it fits :class:`~recsys_embed.training.CTRTask`
+with the ``torchrec`` strategy column-wise (``lightning.ckpt`` and its shards folder; ``lightning.consolidated.ckpt``,
+the same state gathered into one file; ``removed.ckpt``, saved and removed) and resumes it at its last step
 (``lightning.resumed.ckpt``).
 """
 
@@ -230,6 +230,9 @@ def error_messages(net: nn.Module, saved: dict[str, Any], folder: Path) -> dict[
         ),
         "shards_other_model": lambda: load_sharded_checkpoint(
             shard("mixed", make_tables(TABLES), "table_wise"), folder
+        ),
+        "shards_other_shapes": lambda: load_sharded_checkpoint(  # t0: 8 rows, not 7
+            shard("full", make_tables((8, *TABLES[1:])), "table_wise"), folder
         ),
     }
     messages = {}

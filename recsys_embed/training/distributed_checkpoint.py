@@ -69,6 +69,12 @@ def _block_offsets(dim: int) -> torch.Tensor:
 def _row_wise_blocks(weight: ShardedTensor, state: ShardedTensor) -> ShardedTensor:
     """The row-wise ``state`` of table ``weight`` as ``[rows, dim / BLOCK]`` blocks sharded like the table."""
     rows, dim = weight.size()
+    widths = {dim, *(s.shard_sizes[1] for s in weight.metadata().shards_metadata)}
+    if any(width % BLOCK for width in widths):
+        raise ValueError(
+            f"A table of dim {dim} with column shards {sorted(widths)} wide: sharded checkpoints need dims and column "
+            f"shards in multiples of {BLOCK}; use checkpoint_format='consolidated' for this model."
+        )
     shards = [
         ShardMetadata(
             [s.shard_offsets[0], s.shard_offsets[1] // BLOCK],
@@ -135,24 +141,25 @@ def load_sharded_checkpoint(net: DistributedModelParallel, folder: str | Path, p
     folder = Path(folder)
     saved = _saved_entries(folder)
     targets = sharded_state_dict(net, prefix)
-    expected = set(targets)
-    if dist.is_initialized():  # a rank holds only some tables' optimizer states
-        everyone: list[set[str]] = [set()] * dist.get_world_size()
-        dist.all_gather_object(everyone, expected)
-        expected = set().union(*everyone)
-    missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+    shapes = {key: tuple(target.size()) for key, target in targets.items()}
+    if dist.is_initialized():  # a rank holds only some tables' optimizer states: check all (so all raise alike)
+        everyone: list[dict[str, tuple[int, ...]]] = [{}] * dist.get_world_size()
+        dist.all_gather_object(everyone, shapes)
+        shapes = {key: shape for rank_shapes in everyone for key, shape in rank_shapes.items()}
+    missing, unexpected = sorted(set(shapes) - set(saved)), sorted(set(saved) - set(shapes))
     if missing or unexpected:
         raise ValueError(
             f"The sharded checkpoint {folder} does not match the model: {len(missing)} missing entries (first: "
             f"{missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]}). It was written by another "
             "model or method configuration: load it into the model that wrote it."
         )
-    for key, target in targets.items():
-        if tuple(saved[key].size) != tuple(target.size()):
-            raise ValueError(
-                f"{key}: saved shape {tuple(saved[key].size)}, this model's {tuple(target.size())}: it was written "
-                "with other tables or another sparse optimizer."
-            )
+    wrong = sorted(key for key, shape in shapes.items() if tuple(saved[key].size) != shape)
+    if wrong:
+        raise ValueError(
+            f"{len(wrong)} entries of the sharded checkpoint {folder} have other shapes than the model's (first: "
+            f"{wrong[0]}, saved {tuple(saved[wrong[0]].size)}, model {shapes[wrong[0]]}): it was written with other "
+            "tables or another sparse optimizer. Load it into the model that wrote it."
+        )
     dcp.load(targets, storage_reader=dcp.FileSystemReader(folder))  # weights and element-wise states in place
     states = {key: (state, weight) for key, state, weight in _fused_entries(net, prefix)}
     with torch.no_grad():
