@@ -21,8 +21,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from recsys_embed.data import CTRDataModule
+from recsys_embed.methods import Budget
 from recsys_embed.methods.fused import FusedTables, fuse_tables
-from recsys_embed.training import CTRTask
+from recsys_embed.training import CTRTask, EmbeddingSpec, TorchRecStrategy
 from recsys_embed.training.distributed_checkpoint import (
     SHARDS_KEY,
     consolidate_checkpoint,
@@ -155,10 +156,11 @@ def test_loading_fused_state_with_other_entries_or_shapes_on_one_process_is_a_cl
         load_fused_optimizer_state(net, doubled)
 
 
-def lightning_trainer() -> pl.Trainer:
+def lightning_trainer(strategy: Any = "auto") -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=1,
+        strategy=strategy,
         max_steps=LIGHTNING_STEPS,
         limit_val_batches=0,
         inference_mode=False,
@@ -216,6 +218,31 @@ def test_a_column_wise_lightning_checkpoint_resumes_exactly_on_two_processes_and
         again = torch.load(tmp_path / "one.ckpt", weights_only=False)
         assert_equal_states(again["state_dict"], first["state_dict"])
         assert_equal_states(again["fused_optimizer_state"], first["fused_optimizer_state"])
+
+
+def test_a_sharded_checkpoint_resumes_and_predicts_exactly_on_one_process_with_the_torchrec_strategy(
+    saved: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """Saved column-wise on 2 ranks, loaded table-wise on 1 straight from the shards folder (no consolidation)."""
+    data = CTRDataModule(data_dir=str(tiny_dataset), batch_size=64)
+    task = CTRTask(data.cardinalities, data.num_dense, 8, EmbeddingSpec("qr", Budget(ratio=4)))
+    trainer = lightning_trainer(strategy=TorchRecStrategy(sharding_types=["table_wise"]))
+    try:
+        trainer.fit(task, datamodule=data, ckpt_path=saved / "lightning.ckpt")  # at its last step: restores only
+        trainer.save_checkpoint(tmp_path / "one.ckpt")  # one rank: gathered into the one file
+        preds = trainer.predict(task, dataloaders=data.val_dataloader(), ckpt_path=saved / "lightning.ckpt")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    again = torch.load(tmp_path / "one.ckpt", weights_only=False)
+    gathered = torch.load(saved / "lightning.consolidated.ckpt", weights_only=False)
+    assert SHARDS_KEY not in again
+    assert_equal_states(again["state_dict"], gathered["state_dict"])
+    assert_equal_states(again["fused_optimizer_state"], gathered["fused_optimizer_state"])
+    one = CTRTask.load_from_checkpoint(saved / "lightning.consolidated.ckpt", map_location="cpu")
+    with torch.no_grad():
+        expected = [torch.sigmoid(one(batch)) for batch in data.val_dataloader()]
+    torch.testing.assert_close(torch.cat(preds), torch.cat(expected), rtol=0, atol=1e-6)
 
 
 def test_a_sharded_checkpoint_without_the_torchrec_strategy_or_without_its_folder_is_a_clear_error(
