@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.metadata import ShardMetadata
 
 from recsys_embed.data import CTRDataModule
 from recsys_embed.methods import Budget
@@ -26,6 +28,7 @@ from recsys_embed.methods.fused import FusedTables, fuse_tables
 from recsys_embed.training import CTRTask, EmbeddingSpec, TorchRecStrategy
 from recsys_embed.training.distributed_checkpoint import (
     SHARDS_KEY,
+    _row_wise_blocks,
     consolidate_checkpoint,
     consolidated_checkpoint,
     main,
@@ -308,3 +311,11 @@ def test_a_sharded_checkpoint_reloads_into_two_exactly_with_the_same_plan_and_as
 def test_a_column_shard_dim_that_is_not_a_positive_multiple_of_4_is_a_clear_error(width: int) -> None:
     with pytest.raises(ValueError, match=rf"column_shard_dim must be a positive multiple of 4.*got {width}"):
         _column_constraints(build("full", make_tables(TABLES)), width)
+
+
+def test_a_table_whose_dim_is_not_a_multiple_of_4_is_a_clear_error_in_a_sharded_checkpoint() -> None:
+    """Row-wise state is saved in 4-column blocks; a dim-6 table (a plain stand-in for its sharded tensor) has none."""
+    metadata = SimpleNamespace(shards_metadata=[ShardMetadata([0, 0], [10, 6], "rank:0/cpu")])
+    table = SimpleNamespace(size=lambda: torch.Size([10, 6]), metadata=lambda: metadata)
+    with pytest.raises(ValueError, match=r"dim 6 with column shards \[6\].*multiples of 4.*'consolidated'"):
+        _row_wise_blocks(table, table)  # type: ignore[arg-type]

@@ -259,6 +259,8 @@ def test_unknown_sharding_types_are_a_clear_error() -> None:
         allowed_sharding_types("cpu", ["data_parallel"], pooled=None)
     with pytest.raises(ValueError, match="memory_cap_bytes must be positive"):
         TorchRecStrategy(memory_cap_bytes=0)
+    with pytest.raises(ValueError, match="checkpoint_format must be 'sharded' or 'consolidated' \\(got 'dcp'\\)"):
+        TorchRecStrategy(checkpoint_format="dcp")  # type: ignore[arg-type]
 
 
 def test_sharding_without_a_process_group_is_a_clear_error() -> None:
