@@ -28,7 +28,7 @@ from recsys_embed.methods.fused import FusedTables, fuse_tables
 from recsys_embed.training import CTRTask, EmbeddingSpec, TorchRecStrategy
 from recsys_embed.training.distributed_checkpoint import (
     SHARDS_KEY,
-    _row_wise_blocks,
+    check_block_widths,
     consolidate_checkpoint,
     consolidated_checkpoint,
     main,
@@ -316,6 +316,6 @@ def test_a_column_shard_dim_that_is_not_a_positive_multiple_of_4_is_a_clear_erro
 def test_a_table_whose_dim_is_not_a_multiple_of_4_is_a_clear_error_in_a_sharded_checkpoint() -> None:
     """Row-wise state is saved in 4-column blocks; a dim-6 table (a plain stand-in for its sharded tensor) has none."""
     metadata = SimpleNamespace(shards_metadata=[ShardMetadata([0, 0], [10, 6], "rank:0/cpu")])
-    table = SimpleNamespace(size=lambda: torch.Size([10, 6]), metadata=lambda: metadata)
+    table = SimpleNamespace(size=lambda: torch.Size([10, 6]), metadata=lambda: metadata)  # all ranks see its layout
     with pytest.raises(ValueError, match=r"dim 6 with column shards \[6\].*multiples of 4.*'consolidated'"):
-        _row_wise_blocks(table, table)  # type: ignore[arg-type]
+        check_block_widths(table)  # type: ignore[arg-type]

@@ -66,15 +66,20 @@ def _block_offsets(dim: int) -> torch.Tensor:
     return torch.arange(0, dim + 1, BLOCK)
 
 
-def _row_wise_blocks(weight: ShardedTensor, state: ShardedTensor) -> ShardedTensor:
-    """The row-wise ``state`` of table ``weight`` as ``[rows, dim / BLOCK]`` blocks sharded like the table."""
-    rows, dim = weight.size()
+def check_block_widths(weight: ShardedTensor) -> None:
+    """A sharded table's dim and column shards must be whole blocks (every rank sees every table: all raise)."""
+    dim = weight.size()[1]
     widths = {dim, *(s.shard_sizes[1] for s in weight.metadata().shards_metadata)}
     if any(width % BLOCK for width in widths):
         raise ValueError(
             f"A table of dim {dim} with column shards {sorted(widths)} wide: sharded checkpoints need dims and column "
             f"shards in multiples of {BLOCK}; use checkpoint_format='consolidated' for this model."
         )
+
+
+def _row_wise_blocks(weight: ShardedTensor, state: ShardedTensor) -> ShardedTensor:
+    """The row-wise ``state`` of table ``weight`` as ``[rows, dim / BLOCK]`` blocks sharded like the table."""
+    rows, dim = weight.size()
     shards = [
         ShardMetadata(
             [s.shard_offsets[0], s.shard_offsets[1] // BLOCK],
@@ -104,6 +109,8 @@ def sharded_state_dict(net: DistributedModelParallel, prefix: str = "") -> dict[
     """What :func:`save_sharded_state` writes: the sharded weights (``prefix`` + their state-dict key) and the fused
     optimizer states (``fused_optimizer/{prefix}{path}/{table}.{i}``, row-wise ones as column blocks)."""
     out: dict[str, ShardedTensor] = {prefix + k: v for k, v in net.state_dict().items() if isinstance(v, ShardedTensor)}
+    for weight in out.values():
+        check_block_widths(weight)
     for key, state, weight in _fused_entries(net, prefix):
         out[key] = _row_wise_blocks(weight, state) if key.startswith(ROW_WISE) else state
     return out
