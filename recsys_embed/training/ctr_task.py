@@ -327,7 +327,7 @@ class CTRTask(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the description of the net's current form, and the fused tables' optimizer state (it lives in
-        fbgemm, outside Lightning's optimizers)."""
+        fbgemm, outside Lightning's optimizers) unless the strategy writes it with each rank's shards."""
         hparams = checkpoint.setdefault("hyper_parameters", {})
         for key, value in hparams.items():  # plain dicts, as LightningCLI writes them (CTRTask takes both)
             if isinstance(value, (EmbeddingSpec, SparseOptimizer)):
