@@ -11,10 +11,16 @@ column-wise shards ``COLUMN_SHARD_DIM`` wide (so dim-8 tables split in two), on 
     two_to_two    ``two`` loaded into fresh shards of the same plan: largest difference of every rank's local
                   weight and optimizer shards to the trained model's ({"weights", "optimizer", "shards"})
     plan          {table: sharding type}
+    owners        {DCP key: [[rank, offsets], ...]} of every shard that ``{case}.shards`` holds
+    dcp_two_to_two  as ``two_to_two``, loaded from ``{case}.shards`` (``two`` saved by DCP, each rank its shards)
+    dcp_cross     {"plan": another sharding type, "differences": ...}: ``{case}.shards`` and the export loaded
+                  into shards of that plan, compared
 
-and ``errors.json`` (the messages of loading a state with an unexpected or a missing entry into shards).
-Then it fits :class:`~recsys_embed.training.CTRTask` with the ``torchrec`` strategy column-wise (``lightning.ckpt``)
-and resumes it at its last step (``lightning.resumed.ckpt``).
+and ``errors.json`` (the messages of loading a state with an unexpected or a missing entry into shards, and a
+sharded checkpoint into another model or other table sizes). Then it fits :class:`~recsys_embed.training.CTRTask`
+with the ``torchrec`` strategy column-wise (``lightning.ckpt`` and its shards folder; ``lightning.consolidated.ckpt``,
+the same state gathered into one file; ``removed.ckpt``, saved and removed) and resumes it at its last step
+(``lightning.resumed.ckpt``).
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ from recsys_embed.data import CTRDataModule  # noqa: E402
 from recsys_embed.methods import Budget, SparseOptimizer, build_embedding  # noqa: E402
 from recsys_embed.methods.fused import FusedTables, dense_parameters, fuse_tables  # noqa: E402
 from recsys_embed.training import CTRTask, EmbeddingSpec, TorchRecStrategy, shard_model  # noqa: E402
+from recsys_embed.training.distributed_checkpoint import (  # noqa: E402
+    load_sharded_checkpoint,
+    save_sharded_state,
+    sharded_state_dict,
+)
 from recsys_embed.training.sharded_state import (  # noqa: E402
     consolidated_state_dict,
     gather_optimizer_state,
@@ -134,7 +145,7 @@ def shard(model: str, tables: list[EmbeddingBagConfig], sharding_type: str) -> A
     )
 
 
-def run_case(sharding_type: str, model: str, world: int, rank: int) -> dict[str, Any]:
+def run_case(sharding_type: str, model: str, world: int, rank: int, out_dir: Path) -> dict[str, Any]:
     tables = make_tables(TABLES)
     one = build(model, tables)
     fuse_tables(one, OPTIMIZER)
@@ -155,25 +166,57 @@ def run_case(sharding_type: str, model: str, world: int, rank: int) -> dict[str,
     fresh = shard(model, tables, sharding_type)
     load_sharded_state(fresh, saved[0]["weights"])
     load_sharded_optimizer_state(fresh, saved[0]["optimizer"], column_shards=saved[0]["column_shards"])
-    restored = local_shards(fresh)
-    differences = [
-        {
-            "weights": largest_difference(trained_shards, restored, optimizer=False),
-            "optimizer": largest_difference(trained_shards, restored, optimizer=True),
-            "shards": len(trained_shards),
-        }
-    ]
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, differences[0])
-    result["two_to_two"] = everyone
+    result["two_to_two"] = all_differences(trained_shards, local_shards(fresh), world)
     result["plan"] = {f"{p}.{t}": s.sharding_type for p, tp in net.plan.plan.items() for t, s in tp.items()}
+    folder = out_dir / f"{sharding_type}.{model}.shards"
+    save_sharded_state(net, folder)
+    result["owners"] = owners(net, rank, world)
+    from_shards = shard(model, tables, sharding_type)
+    load_sharded_checkpoint(from_shards, folder)
+    result["dcp_two_to_two"] = all_differences(trained_shards, local_shards(from_shards), world)
+    other = next(
+        s for s in SHARDING_TYPES[SHARDING_TYPES.index(sharding_type) + 1 :] + SHARDING_TYPES if (s, model) in cases()
+    )
+    cross, reference = shard(model, tables, other), shard(model, tables, other)
+    load_sharded_checkpoint(cross, folder)
+    load_sharded_state(reference, saved[0]["weights"])
+    load_sharded_optimizer_state(reference, saved[0]["optimizer"], column_shards=saved[0]["column_shards"])
+    result["dcp_cross"] = {
+        "plan": other,
+        "differences": all_differences(local_shards(reference), local_shards(cross), world),
+    }
     if (sharding_type, model) == cases()[0]:  # every rank alike
-        result["errors"] = error_messages(net, saved[0])
+        result["errors"] = error_messages(net, saved[0], folder)
     return result
 
 
-def error_messages(net: nn.Module, saved: dict[str, Any]) -> dict[str, str]:
-    """The messages of loading states with one unexpected or one missing entry."""
+def all_differences(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], world: int) -> list[Any]:
+    """Every rank's largest differences of weight and optimizer shards (see :func:`largest_difference`)."""
+    mine = {
+        "weights": largest_difference(expected, got, optimizer=False),
+        "optimizer": largest_difference(expected, got, optimizer=True),
+        "shards": len(expected),
+    }
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def owners(net: nn.Module, rank: int, world: int) -> dict[str, list[tuple[int, list[int]]]]:
+    """Which rank holds each shard of what :func:`save_sharded_state` writes."""
+    mine = [
+        (k, rank, list(s.metadata.shard_offsets)) for k, v in sharded_state_dict(net).items() for s in v.local_shards()
+    ]
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    found: dict[str, list[tuple[int, list[int]]]] = {}
+    for key, owner, offsets in (entry for entries in everyone for entry in entries):
+        found.setdefault(key, []).append((owner, offsets))
+    return found
+
+
+def error_messages(net: nn.Module, saved: dict[str, Any], folder: Path) -> dict[str, str]:
+    """The messages of loading states with one unexpected or one missing entry, and shards into another model."""
     weights, optimizer = saved["weights"], saved["optimizer"]
     path = next(iter(optimizer))
     attempts = {
@@ -184,6 +227,12 @@ def error_messages(net: nn.Module, saved: dict[str, Any]) -> dict[str, str]:
         ),
         "optimizer_missing": lambda: load_sharded_optimizer_state(
             net, {p: s for p, s in optimizer.items() if p != path}
+        ),
+        "shards_other_model": lambda: load_sharded_checkpoint(
+            shard("mixed", make_tables(TABLES), "table_wise"), folder
+        ),
+        "shards_other_shapes": lambda: load_sharded_checkpoint(  # t0: 8 rows, not 7
+            shard("full", make_tables((8, *TABLES[1:])), "table_wise"), folder
         ),
     }
     messages = {}
@@ -217,6 +266,13 @@ def lightning_runs(data_dir: str, out_dir: Path, world: int) -> None:
         )
         trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
         trainer.save_checkpoint(out_dir / name)
+        if ckpt_path is None:
+            trainer.save_checkpoint(out_dir / "removed.ckpt")
+            trainer.strategy.remove_checkpoint(out_dir / "removed.ckpt")
+            strategy.checkpoint_format = "consolidated"
+            trainer.save_checkpoint(out_dir / "lightning.consolidated.ckpt")
+            strategy.checkpoint_format = "sharded"
+        trainer.strategy.barrier()
 
 
 def main() -> None:
@@ -227,7 +283,7 @@ def main() -> None:
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     dist.init_process_group("gloo")
     for sharding_type, model in cases():
-        result = run_case(sharding_type, model, world, rank)
+        result = run_case(sharding_type, model, world, rank, args.out_dir)
         if rank == 0:
             errors = result.pop("errors", None)
             if errors is not None:

@@ -40,6 +40,7 @@ import torch
 
 from recsys_embed.methods import Stage
 from recsys_embed.training.ctr_task import CTRTask
+from recsys_embed.training.distributed_checkpoint import remove_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class StageState:
         """Forget a stage (it reruns from its start): pending, no time, its checkpoint files removed."""
         self.data["stages"][name] = {"status": "pending", "time_s": 0.0, "steps": 0}
         for old in (self.folder / name).glob("*.ckpt"):
-            old.unlink()
+            remove_checkpoint(old)  # and its shards folder, if a sharded run wrote it
 
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -196,7 +197,7 @@ def run_stages(
             log.info("Stage %r: resuming from %s (step %d)", stage.name, resume, resumed_from)
         else:
             for old in stage_dir.glob("*.ckpt"):  # a stage started afresh leaves no files of an earlier try
-                old.unlink()
+                remove_checkpoint(old)
             if index > 0:
                 task = task.from_checkpoint(folder / names[index - 1] / FINAL_CHECKPOINT)
                 task.advance_stage()
