@@ -1,0 +1,355 @@
+"""``optembed``: OptEmbed, a pruned row set and a searched dim per field, found by a supernet (three stages).
+
+Idea (Lyu et al., CIKM'22, "OptEmbed: Learning Optimal Embedding Table for Click-through Rate Prediction", arXiv
+2208.04482):
+
+1. ``supernet``: full tables; a row whose L1 norm is at most its field's learnable threshold ``t_f`` is pruned
+   (``mask = step(|e|_1 - t_f)``, gradient by the paper's straight-through estimator), and ``alpha * sum_f
+   exp(-t_f)`` pulls the thresholds up (thresholds start at 0, own Adam group, ``threshold_lr``). Each batch also
+   trains a random dim per field (uniform over the candidate dims ``4, 8, ..., d``: prefixes of the rows), so one
+   supernet trains every dim;
+2. ``search`` (no training): an evolutionary search of the per-field dims on the trained supernet, fitness = the
+   whole model's validation AUC (:mod:`recsys_embed.training.search`, the paper's settings as defaults);
+3. ``retrain``: only the kept rows at their searched dims, re-initialised to the supernet's initial values (the
+   paper's lottery-ticket rewind, ``retrain_from="init"``; the rows are regenerated from ``seed``, not stored) or
+   kept as trained (``"supernet"``). Dense layers carry over from the supernet stage (the method owns the rows only).
+
+Rows live in TorchRec ``EmbeddingCollection``s (unpooled, one per dim: fbgemm's sequence kernels take one dim), so
+they fuse and shard like any table; the row mask needs each id's row, so this method pools (a sum per bag).
+
+Memory (the served form: kept rows at their dims plus the sorted kept ids as int32, none for a table kept whole)::
+
+    sum_t kept_t * d_t * 4 + (4 * kept_t if kept_t < n_t else 0)
+
+Pruned ids give zero vectors. OptEmbed takes no memory target by itself; with a budget (``target_bytes``) every
+served form keeps, of the rows the thresholds keep, the largest margins ``|e|_1 - t_f`` that fit at the current
+dims (one raised threshold over all fields): the search compares dims at equal memory, and the ratio reached is
+reported. The supernet's served form (its eval output) is that cut at full dims; its training form is bigger
+(``training_bytes()``: every row). Tables need dims in multiples of 4 and fewer than 2^31 rows.
+
+Example::
+
+    emb = build_embedding("optembed", tables, budget=Budget(ratio=10))  # stages: supernet, search, retrain
+    emb = build_embedding("optembed", tables, alpha=1e-5, iterations=10)  # no budget: the thresholds decide
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor, KeyedTensor
+
+from recsys_embed.methods.base import (
+    FP32_BYTES,
+    TBE_DIM_MULTIPLE,
+    Budget,
+    EmbeddingMethod,
+    ParameterGroup,
+    Stage,
+    check_tables,
+)
+from recsys_embed.methods.layouts import keyed, make_kjt
+from recsys_embed.methods.registry import register
+
+log = logging.getLogger(__name__)
+INT32_BYTES = 4
+STAGES = ("supernet", "search", "retrain")
+
+
+class _Step(torch.autograd.Function):
+    """``x > 0`` forward; backward the paper's straight-through estimate: ``2 - 4|x|`` near 0, ``0.4`` for
+    ``0.4 < |x| <= 1``, 0 beyond."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        a = x.abs()
+        slope = torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1, torch.full_like(a, 0.4), torch.zeros_like(a)))
+        return grad * slope
+
+
+def served_bytes(tables: Sequence[EmbeddingBagConfig], kept: Sequence[int], dims: Sequence[int]) -> int:
+    """The memory formula: kept rows at their dims plus int32 kept ids (none for a table kept whole)."""
+    return sum(
+        k * d * FP32_BYTES + (INT32_BYTES * k if k < t.num_embeddings else 0) for t, k, d in zip(tables, kept, dims)
+    )
+
+
+@register("optembed")
+class OptEmbed(EmbeddingMethod):
+    """OptEmbed: threshold-pruned rows and per-field dims searched on a supernet, then retrained."""
+
+    budget_knobs = ("target_bytes",)
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        *,
+        stage: Literal["supernet", "search", "retrain"] = "supernet",
+        target_bytes: int | None = None,
+        alpha: float = 1e-4,
+        threshold_lr: float = 1e-3,
+        mutations: int = 10,
+        crossovers: int = 10,
+        iterations: int = 30,
+        mutation_prob: float = 0.1,
+        keep: int = 15,
+        search_batches: int | None = None,
+        retrain_from: Literal["init", "supernet"] = "init",
+        dims: list[int] | None = None,
+        kept_rows: list[int] | None = None,
+        seed: int = 0,
+        validate_ids: bool = True,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(tables, validate_ids=validate_ids)
+        for t in self._tables:
+            if t.embedding_dim % TBE_DIM_MULTIPLE or t.num_embeddings >= 2**31:
+                raise ValueError(
+                    f"Method 'optembed': table {t.name!r} has dim {t.embedding_dim} and {t.num_embeddings} rows; it "
+                    f"needs a dim in multiples of {TBE_DIM_MULTIPLE} (candidate dims) and fewer than 2^31 rows (its "
+                    "supernet holds every row, kept ids are int32): use another method for this table."
+                )
+        if stage not in STAGES or retrain_from not in ("init", "supernet"):
+            raise ValueError(f"Method 'optembed': stage must be one of {STAGES} and retrain_from 'init' or 'supernet'.")
+        if (stage == "retrain") != (dims is not None and kept_rows is not None):
+            raise ValueError("Method 'optembed': dims and kept_rows are given exactly in stage 'retrain' (next_stage).")
+        self.stage, self.target_bytes, self.alpha, self.threshold_lr = stage, target_bytes, alpha, threshold_lr
+        self.search_options = dict(
+            mutations=mutations, crossovers=crossovers, iterations=iterations, mutation_prob=mutation_prob, keep=keep
+        )
+        self.search_batches, self.retrain_from, self.seed = search_batches, retrain_from, seed
+        dev = torch.device(device or "cpu")
+        full = [t.embedding_dim for t in self._tables]
+        self.kept = list(kept_rows) if kept_rows is not None else [t.num_embeddings for t in self._tables]
+        self.table_dims = list(dims) if dims is not None else full  # retrain: the searched dims
+        self._groups: dict[int, list[int]] = {}  # physical dim -> indices of its tables (one collection per dim)
+        for i, (k, d) in enumerate(zip(self.kept, self.table_dims)):
+            if k > 0:
+                self._groups.setdefault(d, []).append(i)
+        for d, members in self._groups.items():
+            configs = [
+                EmbeddingConfig(
+                    name=self._tables[i].name,
+                    num_embeddings=self.kept[i],
+                    embedding_dim=d,
+                    feature_names=list(self._tables[i].feature_names),
+                )
+                for i in members
+            ]
+            self.add_tables(f"rows_d{d}", configs, pooled=False, device=dev)
+        if stage == "retrain":
+            for i, t in enumerate(self._tables):
+                size = self.kept[i] if self.kept[i] < t.num_embeddings else 0  # a table kept whole needs no ids
+                self.register_buffer(f"kept_ids_{i}", torch.zeros(size, dtype=torch.int32, device=dev))
+            return
+        with torch.no_grad():
+            for i in range(len(self._tables)):
+                self.weight(i).copy_(self.initial_rows(i))
+        zeros = torch.zeros(len(self._tables), device=dev)
+        if stage == "supernet":
+            self.threshold = nn.Parameter(zeros)
+        else:
+            self.register_buffer("threshold", zeros)
+        self.register_buffer("dims", torch.tensor(full, device=dev))  # served dims (search: the result)
+        self.register_buffer("active_dims", torch.tensor(full, device=dev), persistent=False)  # this batch's
+        self._cached_masks: tuple[tuple[int, ...], list[torch.Tensor]] | None = None
+
+    # ---- rows ----------------------------------------------------------------------------------------------------
+    def weight(self, i: int) -> torch.Tensor:
+        """Table ``i``'s stored rows (plain or fused collection)."""
+        return self.get_submodule(f"rows_d{self.table_dims[i]}").embeddings[self._tables[i].name].weight
+
+    def initial_rows(self, i: int) -> torch.Tensor:
+        """Table ``i``'s supernet rows at initialisation, regenerated from ``seed`` (TorchRec's uniform init)."""
+        t = self._tables[i]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        bound = math.sqrt(1.0 / t.num_embeddings)
+        return (torch.rand(t.num_embeddings, t.embedding_dim, generator=g) * 2 - 1).mul_(bound).to(self.device)
+
+    def keep_masks(self, dims: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Per table, the rows the served form keeps at ``dims`` (default: the served dims): margin ``|e|_1 - t_f``
+        above 0 and, with a ``target_bytes``, among the largest margins that fit (cached in eval mode)."""
+        dims = tuple(int(d) for d in (self.dims if dims is None else dims))
+        if self._cached_masks is not None and self._cached_masks[0] == dims and not self.training:
+            return self._cached_masks[1]
+        with torch.no_grad():
+            margins = [self.weight(i).float().abs().sum(1) - self.threshold[i] for i in range(len(self._tables))]
+            masks = [m > 0 for m in margins]
+            if self.target_bytes is not None and served_bytes(self._tables, [int(m.sum()) for m in masks], dims) > (
+                self.target_bytes
+            ):
+                flat = torch.cat(margins)
+                cost = torch.cat([torch.full_like(m, d * FP32_BYTES + INT32_BYTES) for m, d in zip(margins, dims)])
+                order = flat.argsort(descending=True)
+                fits = int(torch.searchsorted(cost[order].cumsum(0), float(self.target_bytes), right=True))
+                cut = flat[order[fits]] if fits < flat.numel() else flat.min() - 1  # the first row left out
+                masks = [(m > 0) & (m > cut) for m in margins]
+        self._cached_masks = (dims, masks)
+        return masks
+
+    def train(self, mode: bool = True) -> OptEmbed:
+        self._cached_masks = None  # rows and thresholds change while training
+        return super().train(mode)
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        # indexed, never iterated, and sizes from python ints where possible: the served form traces with fx
+        batch, names = features.stride(), self._feature_names
+        ids = features.values().split(features.length_per_key())
+        lengths = features.lengths().view(len(names), -1)
+        compact = self.stage == "retrain"
+        masks = None if compact or self.training else self.keep_masks()
+        dims = None if compact else (self.active_dims if self.training else self.dims)
+        pooled: dict[str, torch.Tensor] = {}
+        for d, members in self._groups.items():
+            keys = [f for i in members for f in self._tables[i].feature_names]
+            factors: dict[str, torch.Tensor] = {}
+            rows_ids = []
+            for f in keys:
+                j = names.index(f)
+                i = self._table_index[j]
+                if compact:
+                    rows_ids.append(self._remap(i, ids[j], factors, f))
+                else:
+                    rows_ids.append(ids[j])
+                    if masks is not None:
+                        factors[f] = masks[i][ids[j]].to(torch.float32)
+            group_lengths = torch.cat([lengths[names.index(f)] for f in keys])
+            rows = self.get_submodule(f"rows_d{d}")(make_kjt(keys, torch.cat(rows_ids), group_lengths, batch))
+            for f in keys:
+                j = names.index(f)
+                i = self._table_index[j]
+                v = rows[f].values().float()
+                if not compact and masks is None:  # training the supernet: the thresholds' straight-through mask
+                    factors[f] = _Step.apply(v.abs().sum(1) - self.threshold[i])
+                if f in factors:
+                    v = v * factors[f].unsqueeze(1)
+                if dims is not None:
+                    v = v * (torch.arange(d, device=v.device) < dims[i]).to(v.dtype)
+                owner = torch.arange(batch, device=v.device).repeat_interleave(lengths[j], output_size=v.shape[0])
+                pooled[f] = v.new_zeros((batch, d)).index_add(0, owner, v)
+        out = [
+            nn.functional.pad(pooled[f], (0, full - self.table_dims[self._table_index[j]]))
+            if f in pooled
+            else features.values().new_zeros((batch, full), dtype=torch.float32)
+            for j, (f, full) in enumerate(zip(names, self._length_per_key))
+        ]
+        return keyed(torch.cat(out, 1), names, self._length_per_key)
+
+    def _remap(self, i: int, ids: torch.Tensor, factors: dict[str, torch.Tensor], f: str) -> torch.Tensor:
+        """Retrain/served form: id -> its kept row (position in the sorted kept ids); pruned ids get factor 0."""
+        if self.kept[i] == self._tables[i].num_embeddings:  # kept whole
+            return ids
+        kept = getattr(self, f"kept_ids_{i}").to(torch.int64)
+        pos = torch.searchsorted(kept, ids).clamp(max=self.kept[i] - 1)
+        factors[f] = (kept[pos] == ids).to(torch.float32)
+        return pos
+
+    # ---- memory and the served form --------------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        if self.stage == "retrain":
+            return served_bytes(self._tables, self.kept, self.table_dims)
+        dims = [int(d) for d in self.dims]
+        return served_bytes(self._tables, [int(m.sum()) for m in self.keep_masks(dims)], dims)
+
+    def to_serving(self) -> nn.Module:
+        if self.stage == "retrain":
+            return super().to_serving()
+        return self._compact(rewind=False).eval()
+
+    def _compact(self, rewind: bool) -> OptEmbed:
+        """The retrain form: the kept rows (trained, or their initial values) at the served dims, and their ids."""
+        dims = [int(d) for d in self.dims]
+        masks = self.keep_masks(dims)
+        config = {**self.config(), "stage": "retrain", "dims": dims, "kept_rows": [int(m.sum()) for m in masks]}
+        compact = type(self).from_config(self._tables, config, device=self.device)
+        with torch.no_grad():
+            for i, mask in enumerate(masks):
+                if compact.kept[i] == 0:
+                    continue
+                source = self.initial_rows(i) if rewind else self.weight(i).detach()
+                compact.weight(i).copy_(source[mask][:, : dims[i]])
+                if compact.kept[i] < self._tables[i].num_embeddings:
+                    getattr(compact, f"kept_ids_{i}").copy_(mask.nonzero().squeeze(1).to(torch.int32))
+        return compact
+
+    # ---- stages ------------------------------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        return [
+            Stage("supernet", description="learn row thresholds; train every candidate dim"),
+            Stage("search", max_epochs=0, description="evolutionary search of per-field dims (validation AUC)"),
+            Stage("retrain", description="kept rows at the searched dims"),
+        ]
+
+    def candidate_dims(self, i: int) -> list[int]:
+        return list(range(TBE_DIM_MULTIPLE, self._tables[i].embedding_dim + 1, TBE_DIM_MULTIPLE))
+
+    def regularizer(self) -> torch.Tensor | None:
+        return self.alpha * torch.exp(-self.threshold).sum() if self.stage == "supernet" else None
+
+    def stage_parameter_groups(self) -> list[ParameterGroup]:
+        if self.stage != "supernet":
+            return []
+        return [ParameterGroup("thresholds", [self.threshold], optimizer="adam", lr=self.threshold_lr)]
+
+    def on_train_step(self, step: int) -> None:
+        """Supernet: draw the next batch's dim per field, uniform over the candidates (seeded by the step)."""
+        if self.stage != "supernet":
+            return
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step + 1)
+        picks = [
+            c[int(torch.randint(len(c), (1,), generator=g))] for c in map(self.candidate_dims, range(len(self._tables)))
+        ]
+        self.active_dims.copy_(torch.tensor(picks))
+
+    def finish_stage(self, evaluate: Callable[[int | None], float]) -> None:
+        """Search stage: the evolutionary search of the dims; the best goes into the ``dims`` buffer."""
+        if self.stage != "search":
+            return
+        from recsys_embed.training.search import evolutionary_search
+
+        def fitness(candidate: tuple[int, ...]) -> float:
+            self.dims.copy_(torch.tensor(candidate))
+            return evaluate(self.search_batches)
+
+        choices = self.candidate_dims(0)
+        if any(self.candidate_dims(i) != choices for i in range(len(self._tables))):
+            raise ValueError("Method 'optembed': the search needs one embedding_dim for every table.")
+        result = evolutionary_search(fitness, choices, len(self._tables), seed=self.seed, **self.search_options)
+        self.dims.copy_(torch.tensor(result.candidate))
+        log.info(
+            "optembed search: dims %s, val AUC %.5f (initial population's best %.5f, %d candidates), %d bytes, "
+            "ratio %.2f",
+            list(result.candidate),
+            result.fitness,
+            result.initial_fitness,
+            result.evaluations,
+            self.memory_bytes(),
+            self.compression_ratio(),
+        )
+
+    def next_stage(self) -> EmbeddingMethod:
+        if self.stage == "supernet":
+            search = type(self).from_config(self._tables, {**self.config(), "stage": "search"}, device=self.device)
+            search.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()})
+            return search
+        if self.stage == "search":
+            return self._compact(rewind=self.retrain_from == "init")
+        return super().next_stage()
+
+    @classmethod
+    def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> OptEmbed:
+        """``target_bytes`` = the budget's bytes; the served forms keep the best rows that fit (see above)."""
+        tables = check_tables(tables)
+        return cls(tables, target_bytes=budget.max_bytes(tables), **options)  # type: ignore[arg-type]
