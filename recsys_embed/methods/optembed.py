@@ -122,8 +122,19 @@ class OptEmbed(EmbeddingMethod):
                 )
         if stage not in STAGES or retrain_from not in ("init", "supernet"):
             raise ValueError(f"Method 'optembed': stage must be one of {STAGES} and retrain_from 'init' or 'supernet'.")
-        if (stage == "retrain") != (dims is not None and kept_rows is not None):
+        given = [dims is not None, kept_rows is not None]
+        if given != [stage == "retrain"] * 2:
             raise ValueError("Method 'optembed': dims and kept_rows are given exactly in stage 'retrain' (next_stage).")
+        if dims is not None and kept_rows is not None:
+            ok = len(dims) == len(kept_rows) == len(self._tables) and all(
+                0 < d <= t.embedding_dim and d % TBE_DIM_MULTIPLE == 0 and 0 <= k <= t.num_embeddings
+                for d, k, t in zip(dims, kept_rows, self._tables)
+            )
+            if not ok:
+                raise ValueError(
+                    f"Method 'optembed': dims {dims} and kept_rows {kept_rows} need one entry per table, dims in "
+                    f"multiples of {TBE_DIM_MULTIPLE} up to the table's dim, kept rows up to its rows."
+                )
         self.stage, self.target_bytes, self.alpha, self.threshold_lr = stage, target_bytes, alpha, threshold_lr
         self.search_options = dict(
             mutations=mutations, crossovers=crossovers, iterations=iterations, mutation_prob=mutation_prob, keep=keep
@@ -201,6 +212,10 @@ class OptEmbed(EmbeddingMethod):
     def train(self, mode: bool = True) -> OptEmbed:
         self._cached_masks = None  # rows and thresholds change while training
         return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cached_masks = None  # new rows, new masks
+        super()._load_from_state_dict(*args, **kwargs)
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
