@@ -14,7 +14,8 @@ import torch
 from recsys_embed.benchmark import expand_grid, load_results, parse_spec, run_sweep
 from recsys_embed.cli import main
 from recsys_embed.methods import Budget, build_embedding
-from recsys_embed.methods.optembed import OptEmbed, served_bytes
+from recsys_embed.methods.optembed import OptEmbed
+from recsys_embed.methods.row_pruning import served_bytes
 from recsys_embed.training.search import evolutionary_search
 from tests.conftest import make_tables, random_kjt
 from tests.test_bench import small_spec
@@ -117,14 +118,14 @@ def test_search_is_deterministic_for_a_seed_and_improves_on_its_initial_populati
     def fitness(dims: tuple[int, ...]) -> float:
         return -float(sum(abs(a - b) for a, b in zip(dims, target)))
 
-    first = evolutionary_search(fitness, [4, 8, 12, 16], len(target), seed=1)
-    second = evolutionary_search(fitness, [4, 8, 12, 16], len(target), seed=1)
+    first = evolutionary_search(fitness, [[4, 8, 12, 16]] * len(target), seed=1)
+    second = evolutionary_search(fitness, [[4, 8, 12, 16]] * len(target), seed=1)
     assert first == second
     assert first.fitness > first.initial_fitness and first.fitness == max(first.history)
     assert first.history == sorted(first.history)  # the best so far never gets worse
     assert first.evaluations <= 20 + 30 * 20  # each distinct candidate scored once
     with pytest.raises(ValueError, match="mutation_prob must be in"):
-        evolutionary_search(fitness, [4], 2, mutation_prob=2.0)
+        evolutionary_search(fitness, [[4], [4]], mutation_prob=2.0)
 
 
 def test_bad_tables_and_options_are_clear_errors() -> None:

@@ -1,31 +1,29 @@
-"""``optembed``: OptEmbed, a pruned row set and a searched dim per field, found by a supernet (three stages).
+"""``optembed``: OptEmbed, threshold-pruned rows and a searched dim per field, found on a supernet (3 stages).
 
 Idea (Lyu et al., CIKM'22, "OptEmbed: Learning Optimal Embedding Table for Click-through Rate Prediction", arXiv
 2208.04482):
 
-1. ``supernet``: full tables; a row whose L1 norm is at most its field's learnable threshold ``t_f`` is pruned
-   (``mask = step(|e|_1 - t_f)``, gradient by the paper's straight-through estimator), and ``alpha * sum_f
-   exp(-t_f)`` pulls the thresholds up (thresholds start at 0, own Adam group, ``threshold_lr``). Each batch also
-   trains a random dim per field (uniform over the candidate dims ``4, 8, ..., d``: prefixes of the rows), so one
-   supernet trains every dim;
-2. ``search`` (no training): an evolutionary search of the per-field dims on the trained supernet, fitness = the
-   whole model's validation AUC (:mod:`recsys_embed.training.search`, the paper's settings as defaults);
-3. ``retrain``: only the kept rows at their searched dims, re-initialised to the supernet's initial values (the
-   paper's lottery-ticket rewind, ``retrain_from="init"``; the rows are regenerated from ``seed``, not stored) or
-   kept as trained (``"supernet"``). Dense layers carry over from the supernet stage (the method owns the rows only).
+1. ``supernet``: full tables; a row whose L1 norm is at most its field's learnable threshold ``t_f`` gives zeros
+   (``mask = step(|e|_1 - t_f)``, the paper's straight-through gradient), and ``alpha * sum_f exp(-t_f)`` pulls the
+   thresholds up (they start at 0; own Adam group, ``threshold_lr``). Each batch also trains a random dim per field
+   (uniform over ``4, 8, ..., d``: row prefixes), so one supernet trains every candidate dim;
+2. ``search`` (``max_epochs=0``, no training): evolutionary search of the per-field dims on the trained supernet,
+   fitness = the model's validation AUC (:mod:`recsys_embed.training.search`; the paper's settings are defaults);
+3. ``retrain``: only the kept rows at their searched dims, reset to the supernet's initial values (the paper's
+   lottery-ticket rewind, ``retrain_from="init"``, regenerated from ``seed``) or kept as trained (``"supernet"``).
+   The dense layers carry over from the supernet stage (a method owns only its rows).
 
-Rows live in TorchRec ``EmbeddingCollection``s (unpooled, one per dim: fbgemm's sequence kernels take one dim), so
-they fuse and shard like any table; the row mask needs each id's row, so this method pools (a sum per bag).
+Rows live in TorchRec ``EmbeddingCollection``s (unpooled, one per dim), so they fuse and shard as tables; the row
+mask needs each id's row, so the method pools itself (a sum per bag). Pruned ids give zero vectors.
 
-Memory (the served form: kept rows at their dims plus the sorted kept ids as int32, none for a table kept whole)::
+Memory: ``sum_t kept_t * d_t * 4 + (kept_t < n_t) * 4 * kept_t`` bytes, the served form: kept rows at their dims
+plus their sorted ids as int32 (none for a table kept whole).
 
-    sum_t kept_t * d_t * 4 + (4 * kept_t if kept_t < n_t else 0)
-
-Pruned ids give zero vectors. OptEmbed takes no memory target by itself; with a budget (``target_bytes``) every
-served form keeps, of the rows the thresholds keep, the largest margins ``|e|_1 - t_f`` that fit at the current
-dims (one raised threshold over all fields): the search compares dims at equal memory, and the ratio reached is
-reported. The supernet's served form (its eval output) is that cut at full dims; its training form is bigger
-(``training_bytes()``: every row). Tables need dims in multiples of 4 and fewer than 2^31 rows.
+Budget: OptEmbed takes no memory target by itself. With one (``target_bytes``), every served form keeps, of the
+rows above threshold, those of largest margin ``|e|_1 - t_f`` that fit at its dims (one raised threshold for every
+field), so the search compares dims at equal memory; ``compression_ratio()`` reports the ratio reached. A supernet
+serves (and evaluates) that cut at full dims and trains every row (``training_bytes()``). Tables need dims in
+multiples of 4 and fewer than 2^31 rows.
 
 Example::
 
@@ -44,45 +42,18 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor, KeyedTensor
 
-from recsys_embed.methods.base import (
-    FP32_BYTES,
-    TBE_DIM_MULTIPLE,
-    Budget,
-    EmbeddingMethod,
-    ParameterGroup,
-    Stage,
-    check_tables,
-)
+from recsys_embed.methods.base import TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, ParameterGroup, Stage, check_tables
 from recsys_embed.methods.layouts import keyed, make_kjt
 from recsys_embed.methods.registry import register
+from recsys_embed.methods.row_pruning import (
+    StraightThroughStep,
+    kept_positions,
+    largest_margins_that_fit,
+    served_bytes,
+)
 
 log = logging.getLogger(__name__)
-INT32_BYTES = 4
 STAGES = ("supernet", "search", "retrain")
-
-
-class _Step(torch.autograd.Function):
-    """``x > 0`` forward; backward the paper's straight-through estimate: ``2 - 4|x|`` near 0, ``0.4`` for
-    ``0.4 < |x| <= 1``, 0 beyond."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return (x > 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        a = x.abs()
-        slope = torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1, torch.full_like(a, 0.4), torch.zeros_like(a)))
-        return grad * slope
-
-
-def served_bytes(tables: Sequence[EmbeddingBagConfig], kept: Sequence[int], dims: Sequence[int]) -> int:
-    """The memory formula: kept rows at their dims plus int32 kept ids (none for a table kept whole)."""
-    return sum(
-        k * d * FP32_BYTES + (INT32_BYTES * k if k < t.num_embeddings else 0) for t, k, d in zip(tables, kept, dims)
-    )
 
 
 @register("optembed")
@@ -165,7 +136,7 @@ class OptEmbed(EmbeddingMethod):
                 self.register_buffer(f"kept_ids_{i}", torch.zeros(size, dtype=torch.int32, device=dev))
             return
         with torch.no_grad():
-            for i in range(len(self._tables)):
+            for i in range(len(self._tables) if dev.type != "meta" else 0):
                 self.weight(i).copy_(self.initial_rows(i))
         zeros = torch.zeros(len(self._tables), device=dev)
         if stage == "supernet":
@@ -196,16 +167,7 @@ class OptEmbed(EmbeddingMethod):
             return self._cached_masks[1]
         with torch.no_grad():
             margins = [self.weight(i).float().abs().sum(1) - self.threshold[i] for i in range(len(self._tables))]
-            masks = [m > 0 for m in margins]
-            if self.target_bytes is not None and served_bytes(self._tables, [int(m.sum()) for m in masks], dims) > (
-                self.target_bytes
-            ):
-                flat = torch.cat(margins)
-                cost = torch.cat([torch.full_like(m, d * FP32_BYTES + INT32_BYTES) for m, d in zip(margins, dims)])
-                order = flat.argsort(descending=True)
-                fits = int(torch.searchsorted(cost[order].cumsum(0), float(self.target_bytes), right=True))
-                cut = flat[order[fits]] if fits < flat.numel() else flat.min() - 1  # the first row left out
-                masks = [(m > 0) & (m > cut) for m in margins]
+            masks = largest_margins_that_fit(margins, dims, self.target_bytes)
         self._cached_masks = (dims, masks)
         return masks
 
@@ -247,7 +209,7 @@ class OptEmbed(EmbeddingMethod):
                 i = self._table_index[j]
                 v = rows[f].values().float()
                 if not compact and masks is None:  # training the supernet: the thresholds' straight-through mask
-                    factors[f] = _Step.apply(v.abs().sum(1) - self.threshold[i])
+                    factors[f] = StraightThroughStep.apply(v.abs().sum(1) - self.threshold[i])
                 if f in factors:
                     v = v * factors[f].unsqueeze(1)
                 if dims is not None:
@@ -263,18 +225,19 @@ class OptEmbed(EmbeddingMethod):
         return keyed(torch.cat(out, 1), names, self._length_per_key)
 
     def _remap(self, i: int, ids: torch.Tensor, factors: dict[str, torch.Tensor], f: str) -> torch.Tensor:
-        """Retrain/served form: id -> its kept row (position in the sorted kept ids); pruned ids get factor 0."""
-        if self.kept[i] == self._tables[i].num_embeddings:  # kept whole
+        """Retrain/served form: id -> its kept row; pruned ids get factor 0 (a zero vector)."""
+        if self.kept[i] == self._tables[i].num_embeddings:  # kept whole: no ids stored
             return ids
-        kept = getattr(self, f"kept_ids_{i}").to(torch.int64)
-        pos = torch.searchsorted(kept, ids).clamp(max=self.kept[i] - 1)
-        factors[f] = (kept[pos] == ids).to(torch.float32)
+        pos, factors[f] = kept_positions(getattr(self, f"kept_ids_{i}"), ids)
         return pos
 
     # ---- memory and the served form --------------------------------------------------------------------------------
     def memory_bytes(self) -> int:
         if self.stage == "retrain":
             return served_bytes(self._tables, self.kept, self.table_dims)
+        if self.threshold.is_meta:  # no rows to measure (a meta build): the bound every served form meets
+            whole = served_bytes(self._tables, self.kept, [t.embedding_dim for t in self._tables])
+            return min(whole, self.target_bytes) if self.target_bytes is not None else whole
         dims = [int(d) for d in self.dims]
         return served_bytes(self._tables, [int(m.sum()) for m in self.keep_masks(dims)], dims)
 
@@ -323,10 +286,8 @@ class OptEmbed(EmbeddingMethod):
         if self.stage != "supernet":
             return
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step + 1)
-        picks = [
-            c[int(torch.randint(len(c), (1,), generator=g))] for c in map(self.candidate_dims, range(len(self._tables)))
-        ]
-        self.active_dims.copy_(torch.tensor(picks))
+        choices = [self.candidate_dims(i) for i in range(len(self._tables))]
+        self.active_dims.copy_(torch.tensor([c[int(torch.randint(len(c), (1,), generator=g))] for c in choices]))
 
     def finish_stage(self, evaluate: Callable[[int | None], float]) -> None:
         """Search stage: the evolutionary search of the dims; the best goes into the ``dims`` buffer."""
@@ -338,20 +299,13 @@ class OptEmbed(EmbeddingMethod):
             self.dims.copy_(torch.tensor(candidate))
             return evaluate(self.search_batches)
 
-        choices = self.candidate_dims(0)
-        if any(self.candidate_dims(i) != choices for i in range(len(self._tables))):
-            raise ValueError("Method 'optembed': the search needs one embedding_dim for every table.")
-        result = evolutionary_search(fitness, choices, len(self._tables), seed=self.seed, **self.search_options)
+        choices = [self.candidate_dims(i) for i in range(len(self._tables))]
+        result = evolutionary_search(fitness, choices, seed=self.seed, **self.search_options)
         self.dims.copy_(torch.tensor(result.candidate))
         log.info(
-            "optembed search: dims %s, val AUC %.5f (initial population's best %.5f, %d candidates), %d bytes, "
-            "ratio %.2f",
-            list(result.candidate),
-            result.fitness,
-            result.initial_fitness,
-            result.evaluations,
-            self.memory_bytes(),
-            self.compression_ratio(),
+            "optembed search: dims %s, val AUC %.5f (best initial %.5f, %d candidates scored), %d bytes, ratio %.2f",
+            *(list(result.candidate), result.fitness, result.initial_fitness, result.evaluations),
+            *(self.memory_bytes(), self.compression_ratio()),
         )
 
     def next_stage(self) -> EmbeddingMethod:
@@ -367,4 +321,10 @@ class OptEmbed(EmbeddingMethod):
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> OptEmbed:
         """``target_bytes`` = the budget's bytes; the served forms keep the best rows that fit (see above)."""
         tables = check_tables(tables)
-        return cls(tables, target_bytes=budget.max_bytes(tables), **options)  # type: ignore[arg-type]
+        allowed, smallest = budget.max_bytes(tables), min(served_bytes([t], [1], [TBE_DIM_MULTIPLE]) for t in tables)
+        if allowed < smallest:
+            raise ValueError(
+                f"Method 'optembed' cannot fit {allowed} bytes: one kept row at dim {TBE_DIM_MULTIPLE} and its id take "
+                f"{smallest} bytes. Ask for a budget of at least {smallest} bytes."
+            )
+        return cls(tables, target_bytes=allowed, **options)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ evaluated once per distinct candidate (cached), and the search is deterministic 
 
 Example::
 
-    best = evolutionary_search(lambda dims: -sum(abs(d - 8) for d in dims), choices=[4, 8, 12, 16], fields=3)
+    best = evolutionary_search(lambda dims: -sum(abs(d - 8) for d in dims), choices=[[4, 8, 12, 16]] * 3)
     best.candidate, best.fitness, best.initial_fitness
 """
 
@@ -38,8 +38,7 @@ class SearchResult:
 
 def evolutionary_search(
     fitness: Callable[[Candidate], float],
-    choices: Sequence[int],
-    fields: int,
+    choices: Sequence[Sequence[int]],
     *,
     mutations: int = 10,
     crossovers: int = 10,
@@ -48,11 +47,14 @@ def evolutionary_search(
     keep: int = 15,
     seed: int = 0,
 ) -> SearchResult:
-    """Search ``fields`` values, each one of ``choices``, maximising ``fitness`` (see the module docstring)."""
-    if not choices or fields < 1 or mutations < 0 or crossovers < 0 or iterations < 0 or keep < 1:
+    """Search one value per field, field ``f``'s among ``choices[f]``, maximising ``fitness`` (see the module
+    docstring)."""
+    fields = len(choices)
+    if not fields or not all(choices) or mutations < 0 or crossovers < 0 or iterations < 0 or keep < 1:
         raise ValueError(
-            f"Evolutionary search needs choices, fields >= 1, keep >= 1 and counts >= 0 (got {len(choices)} choices, "
-            f"{fields} fields, keep {keep}, {mutations} mutations, {crossovers} crossovers, {iterations} iterations)."
+            f"Evolutionary search needs at least one field, choices for each, keep >= 1 and counts >= 0 (got "
+            f"{[len(c) for c in choices]} choices, keep {keep}, {mutations} mutations, {crossovers} crossovers, "
+            f"{iterations} iterations)."
         )
     if not 0.0 <= mutation_prob <= 1.0:
         raise ValueError(f"Evolutionary search: mutation_prob must be in [0, 1] (got {mutation_prob}).")
@@ -64,7 +66,7 @@ def evolutionary_search(
             if cand not in scores:
                 scores[cand] = float(fitness(cand))
 
-    initial = [tuple(rng.choice(choices) for _ in range(fields)) for _ in range(max(1, mutations + crossovers))]
+    initial = [tuple(rng.choice(c) for c in choices) for _ in range(max(1, mutations + crossovers))]
     score(initial)
     initial_best = max(scores[c] for c in initial)
     history = [initial_best]
@@ -73,7 +75,9 @@ def evolutionary_search(
         children = []
         for _ in range(mutations):
             parent = rng.choice(parents)
-            children.append(tuple(rng.choice(choices) if rng.random() < mutation_prob else v for v in parent))
+            children.append(
+                tuple(rng.choice(c) if rng.random() < mutation_prob else v for c, v in zip(choices, parent))
+            )
         for _ in range(crossovers):
             a, b = rng.choice(parents), rng.choice(parents)
             point = rng.randint(1, fields) if fields > 1 else 1
