@@ -7,16 +7,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
 
 from recsys_embed.benchmark import expand_grid, load_results, parse_spec, run_sweep
 from recsys_embed.cli import main
+from recsys_embed.data import CTRDataModule
 from recsys_embed.methods import Budget, build_embedding
 from recsys_embed.methods.optembed import OptEmbed
 from recsys_embed.methods.row_pruning import served_bytes
+from recsys_embed.training import CTRTask
 from recsys_embed.training.search import evolutionary_search
+from recsys_embed.training.stages import validation_auc
+from recsys_embed.training.task_config import EmbeddingSpec
 from tests.conftest import make_tables, random_kjt
 from tests.test_bench import small_spec
 from tests.test_cli import TINY
@@ -235,3 +240,28 @@ def test_the_benchmark_runs_every_stage_as_one_cell(tmp_path: Path) -> None:
     assert list(times) == ["supernet", "search", "retrain"] and all(t > 0 for t in times.values())
     assert row["ratio"] >= 4 * 0.999 and row["steps"] == 6  # 3 per training stage, none in the search
     assert row["training_bytes"] == row["memory_bytes"]  # the retrain form trains only what it serves
+
+
+def test_the_stage_evaluator_gives_lightnings_validation_auc_and_reads_the_batches_once(tiny_dataset: Path) -> None:
+    data = CTRDataModule(data_dir=str(tiny_dataset), batch_size=500, eval_batch_size=300)
+    pl.seed_everything(0)
+    task = CTRTask(data.cardinalities, data.num_dense, 8, EmbeddingSpec("hash", Budget(ratio=4)))
+    trainer = pl.Trainer(
+        max_steps=3, inference_mode=False, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(task, datamodule=data)
+    (validated,) = trainer.validate(task, datamodule=data, verbose=False)
+    opened = []
+    loader = data.val_dataloader
+
+    def counted() -> object:
+        opened.append(1)
+        return loader()
+
+    data.val_dataloader = counted  # type: ignore[method-assign]
+    evaluate = validation_auc(task, data)
+    assert opened == []  # opened at the first call only
+    assert evaluate() == pytest.approx(validated["val/auc"], abs=1e-6)
+    first_two = evaluate(2)
+    assert opened == [1] and task.training  # its mode is restored
+    assert first_two != pytest.approx(evaluate(), abs=1e-9)  # 2 of the 5 batches of 300 rows
