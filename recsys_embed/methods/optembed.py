@@ -46,9 +46,9 @@ from recsys_embed.methods.base import TBE_DIM_MULTIPLE, Budget, EmbeddingMethod,
 from recsys_embed.methods.layouts import keyed, make_kjt
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.row_pruning import (
+    MarginRanking,
     StraightThroughStep,
     kept_positions,
-    largest_margins_that_fit,
     served_bytes,
 )
 
@@ -145,7 +145,7 @@ class OptEmbed(EmbeddingMethod):
             self.register_buffer("threshold", zeros)
         self.register_buffer("dims", torch.tensor(full, device=dev))  # served dims (search: the result)
         self.register_buffer("active_dims", torch.tensor(full, device=dev), persistent=False)  # this batch's
-        self._cached_masks: tuple[tuple[int, ...], list[torch.Tensor]] | None = None
+        self._ranking: MarginRanking | None = None
 
     # ---- rows ----------------------------------------------------------------------------------------------------
     def weight(self, i: int) -> torch.Tensor:
@@ -161,22 +161,23 @@ class OptEmbed(EmbeddingMethod):
 
     def keep_masks(self, dims: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Per table, the rows the served form keeps at ``dims`` (default: the served dims): margin ``|e|_1 - t_f``
-        above 0 and, with a ``target_bytes``, among the largest margins that fit (cached in eval mode)."""
-        dims = tuple(int(d) for d in (self.dims if dims is None else dims))
-        if self._cached_masks is not None and self._cached_masks[0] == dims and not self.training:
-            return self._cached_masks[1]
-        with torch.no_grad():
-            margins = [self.weight(i).float().abs().sum(1) - self.threshold[i] for i in range(len(self._tables))]
-            masks = largest_margins_that_fit(margins, dims, self.target_bytes)
-        self._cached_masks = (dims, masks)
-        return masks
+        above 0 and, with a ``target_bytes``, the largest margins that fit (the ranking is cached in eval mode)."""
+        dims = [int(d) for d in (self.dims if dims is None else dims)]
+        ranking = self._ranking if not self.training else None
+        if ranking is None:
+            with torch.no_grad():
+                ranking = MarginRanking(
+                    [self.weight(i).float().abs().sum(1) - self.threshold[i] for i in range(len(self._tables))]
+                )
+            self._ranking = ranking if not self.training else None
+        return ranking.keep(dims, self.target_bytes)
 
     def train(self, mode: bool = True) -> OptEmbed:
-        self._cached_masks = None  # rows and thresholds change while training
+        self._ranking = None  # rows and thresholds change while training
         return super().train(mode)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cached_masks = None  # new rows, new masks
+        self._ranking = None  # new rows, new margins
         super()._load_from_state_dict(*args, **kwargs)
 
     # ---- forward -------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ kept; a pruned id gives a zero vector::
 Example::
 
     mask = StraightThroughStep.apply(rows.abs().sum(1) - threshold)  # 1 keeps a row, 0 prunes it
-    masks = largest_margins_that_fit(margins, dims, target_bytes=10_000)
+    masks = MarginRanking(margins).keep(dims, target_bytes=10_000)
 """
 
 from __future__ import annotations
@@ -49,23 +49,31 @@ def served_bytes(tables: Sequence[EmbeddingBagConfig], kept: Sequence[int], dims
     )
 
 
-def largest_margins_that_fit(
-    margins: Sequence[torch.Tensor], dims: Sequence[int], target_bytes: int | None
-) -> list[torch.Tensor]:
-    """Per table, the rows to keep: margin above 0 and, with a ``target_bytes``, the largest margins (over every
-    table: one raised threshold) whose rows at ``dims`` plus their int32 ids fit. Rows tied with the first row left
-    out are left out too, so the result never exceeds the budget."""
-    masks = [m > 0 for m in margins]
-    if target_bytes is None:
-        return masks
-    flat = torch.cat(list(margins))
-    cost = torch.cat([torch.full_like(m, d * FP32_BYTES + INT32_BYTES) for m, d in zip(margins, dims)])
-    order = flat.argsort(descending=True)
-    fits = int(torch.searchsorted(cost[order].cumsum(0), torch.tensor(float(target_bytes)), right=True))
-    if fits >= flat.numel():
-        return masks
-    cut = flat[order[fits]]  # the first row left out
-    return [keep & (m > cut) for keep, m in zip(masks, margins)]
+class MarginRanking:
+    """Every row of every table ranked once by its margin (e.g. ``|e|_1 - t_f``), to answer for many ``dims``: which
+    rows to keep, i.e. margin above 0 and, with a ``target_bytes``, the largest margins (over every table: one
+    raised threshold) whose rows at ``dims`` plus their int32 ids fit. Rows tied with the first row left out are left
+    out too, so the result never exceeds the budget."""
+
+    def __init__(self, margins: Sequence[torch.Tensor]) -> None:
+        self.margins = list(margins)
+        flat = torch.cat(self.margins)
+        self.order = flat.argsort(descending=True)
+        self.sorted = flat[self.order]
+        sizes = torch.tensor([m.numel() for m in self.margins], device=flat.device)
+        self.table_of = torch.repeat_interleave(torch.arange(len(self.margins), device=flat.device), sizes)[self.order]
+
+    def keep(self, dims: Sequence[int], target_bytes: int | None) -> list[torch.Tensor]:
+        masks = [m > 0 for m in self.margins]
+        if target_bytes is None:
+            return masks
+        per_row = torch.tensor([d * FP32_BYTES + INT32_BYTES for d in dims], dtype=torch.float64)
+        cost = per_row.to(self.sorted.device)[self.table_of].cumsum(0)
+        fits = int(torch.searchsorted(cost, torch.tensor(float(target_bytes), dtype=torch.float64), right=True))
+        if fits >= self.sorted.numel():
+            return masks
+        cut = self.sorted[fits]  # the first row left out
+        return [keep & (m > cut) for keep, m in zip(masks, self.margins)]
 
 
 def kept_positions(kept_ids: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
