@@ -240,6 +240,8 @@ def test_the_benchmark_runs_every_stage_as_one_cell(tmp_path: Path) -> None:
     assert list(times) == ["supernet", "search", "retrain"] and all(t > 0 for t in times.values())
     assert row["ratio"] >= 4 * 0.999 and row["steps"] == 6  # 3 per training stage, none in the search
     assert row["training_bytes"] == row["memory_bytes"]  # the retrain form trains only what it serves
+    resolved = json.loads(row["resolved"])  # the searched dims and kept rows are recorded
+    assert len(resolved["dims"]) == len(resolved["kept_rows"]) == 4 and resolved["iterations"] == 1
 
 
 def test_the_stage_evaluator_gives_lightnings_validation_auc_and_reads_the_batches_once(tiny_dataset: Path) -> None:

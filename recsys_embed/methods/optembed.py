@@ -107,23 +107,22 @@ class OptEmbed(EmbeddingMethod):
                     f"multiples of {TBE_DIM_MULTIPLE} up to the table's dim, kept rows up to its rows."
                 )
         self.stage, self.target_bytes, self.alpha, self.threshold_lr = stage, target_bytes, alpha, threshold_lr
-        self.search_options = dict(
-            mutations=mutations, crossovers=crossovers, iterations=iterations, mutation_prob=mutation_prob, keep=keep
-        )
+        self.mutations, self.crossovers, self.iterations = mutations, crossovers, iterations
+        self.mutation_prob, self.keep = mutation_prob, keep
         self.search_batches, self.retrain_from, self.seed = search_batches, retrain_from, seed
         dev = torch.device(device or "cpu")
         full = [t.embedding_dim for t in self._tables]
-        self.kept = list(kept_rows) if kept_rows is not None else [t.num_embeddings for t in self._tables]
+        self.kept_rows = list(kept_rows) if kept_rows is not None else [t.num_embeddings for t in self._tables]
         self.table_dims = list(dims) if dims is not None else full  # retrain: the searched dims
         self._groups: dict[int, list[int]] = {}  # physical dim -> indices of its tables (one collection per dim)
-        for i, (k, d) in enumerate(zip(self.kept, self.table_dims)):
+        for i, (k, d) in enumerate(zip(self.kept_rows, self.table_dims)):
             if k > 0:
                 self._groups.setdefault(d, []).append(i)
         for d, members in self._groups.items():
             configs = [
                 EmbeddingConfig(
                     name=self._tables[i].name,
-                    num_embeddings=self.kept[i],
+                    num_embeddings=self.kept_rows[i],
                     embedding_dim=d,
                     feature_names=list(self._tables[i].feature_names),
                 )
@@ -131,8 +130,11 @@ class OptEmbed(EmbeddingMethod):
             ]
             self.add_tables(f"rows_d{d}", configs, pooled=False, device=dev)
         if stage == "retrain":
+            self.dims = self.table_dims  # the searched dims (a buffer, the served dims, in the other stages)
             for i, t in enumerate(self._tables):
-                size = self.kept[i] if self.kept[i] < t.num_embeddings else 0  # a table kept whole needs no ids
+                size = (
+                    self.kept_rows[i] if self.kept_rows[i] < t.num_embeddings else 0
+                )  # a table kept whole needs no ids
                 self.register_buffer(f"kept_ids_{i}", torch.zeros(size, dtype=torch.int32, device=dev))
             return
         with torch.no_grad():
@@ -227,7 +229,7 @@ class OptEmbed(EmbeddingMethod):
 
     def _remap(self, i: int, ids: torch.Tensor, factors: dict[str, torch.Tensor], f: str) -> torch.Tensor:
         """Retrain/served form: id -> its kept row; pruned ids get factor 0 (a zero vector)."""
-        if self.kept[i] == self._tables[i].num_embeddings:  # kept whole: no ids stored
+        if self.kept_rows[i] == self._tables[i].num_embeddings:  # kept whole: no ids stored
             return ids
         pos, factors[f] = kept_positions(getattr(self, f"kept_ids_{i}"), ids)
         return pos
@@ -235,9 +237,9 @@ class OptEmbed(EmbeddingMethod):
     # ---- memory and the served form --------------------------------------------------------------------------------
     def memory_bytes(self) -> int:
         if self.stage == "retrain":
-            return served_bytes(self._tables, self.kept, self.table_dims)
+            return served_bytes(self._tables, self.kept_rows, self.table_dims)
         if self.threshold.is_meta:  # no rows to measure (a meta build): the bound every served form meets
-            whole = served_bytes(self._tables, self.kept, [t.embedding_dim for t in self._tables])
+            whole = served_bytes(self._tables, self.kept_rows, [t.embedding_dim for t in self._tables])
             return min(whole, self.target_bytes) if self.target_bytes is not None else whole
         dims = [int(d) for d in self.dims]
         return served_bytes(self._tables, [int(m.sum()) for m in self.keep_masks(dims)], dims)
@@ -255,11 +257,11 @@ class OptEmbed(EmbeddingMethod):
         compact = type(self).from_config(self._tables, config, device=self.device)
         with torch.no_grad():
             for i, mask in enumerate(masks):
-                if compact.kept[i] == 0:
+                if compact.kept_rows[i] == 0:
                     continue
                 source = self.initial_rows(i) if rewind else self.weight(i).detach()
                 compact.weight(i).copy_(source[mask][:, : dims[i]])
-                if compact.kept[i] < self._tables[i].num_embeddings:
+                if compact.kept_rows[i] < self._tables[i].num_embeddings:
                     getattr(compact, f"kept_ids_{i}").copy_(mask.nonzero().squeeze(1).to(torch.int32))
         return compact
 
@@ -301,7 +303,8 @@ class OptEmbed(EmbeddingMethod):
             return evaluate(self.search_batches)
 
         choices = [self.candidate_dims(i) for i in range(len(self._tables))]
-        result = evolutionary_search(fitness, choices, seed=self.seed, **self.search_options)
+        settings = {k: getattr(self, k) for k in ("mutations", "crossovers", "iterations", "mutation_prob", "keep")}
+        result = evolutionary_search(fitness, choices, seed=self.seed, **settings)
         self.dims.copy_(torch.tensor(result.candidate))
         log.info(
             "optembed search: dims %s, val AUC %.5f (best initial %.5f, %d candidates scored), %d bytes, ratio %.2f",
