@@ -41,8 +41,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, *args: str, timeout: int = TIMEOUT_S) -> list[subprocess.CompletedProcess[str]]:
-    """Run the worker on ``world`` processes (torchrun's environment) and wait for all of them."""
+def launch(
+    world: int, *args: str, timeout: int = TIMEOUT_S, worker: Path = WORKER
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``worker`` on ``world`` processes (torchrun's environment) and wait for all of them."""
     port = str(free_port())
     procs = []
     for rank in range(world):
@@ -59,7 +61,7 @@ def launch(world: int, *args: str, timeout: int = TIMEOUT_S) -> list[subprocess.
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), *args],
+                [sys.executable, str(worker), *args],
                 env=env,
                 cwd=ROOT,
                 stdout=subprocess.PIPE,

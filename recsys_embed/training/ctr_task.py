@@ -43,7 +43,7 @@ from recsys_embed.methods import (
 from recsys_embed.methods.fused import FusedTables
 from recsys_embed.methods.saving import check_same_tables, describe, rebuild
 from recsys_embed.models import DLRM
-from recsys_embed.training.sharding import consolidated_optimizer_state, load_sharded_optimizer_state
+from recsys_embed.training import sharded_state
 from recsys_embed.training.strategy import TorchRecStrategy
 from recsys_embed.training.task_config import (
     DESCRIPTION_FORMAT,
@@ -126,7 +126,7 @@ class CTRTask(pl.LightningModule):
         self.hparams["description"] = self.describe()
         self.val_auc, self.test_auc = BinaryAUROC(), BinaryAUROC()
         self.val_logloss, self.test_logloss = MeanMetric(), MeanMetric()
-        self._pending_optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None
+        self._pending_optimizer_state: tuple[dict[str, Any], dict[str, Any]] | None = None  # saved, column shards
         self._set_optimization_mode()
         self._log_embedding()
 
@@ -263,18 +263,18 @@ class CTRTask(pl.LightningModule):
             fuse_tables(self.net, self.sparse_optimizer, strategy.root_device)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.net(batch.dense, batch.sparse)
+        return self.net(batch.dense_features, batch.sparse_features)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
         sync = self.trainer.world_size > 1
         regularizer = self.embedding.regularizer()
         if regularizer is not None:
-            self.log("train/bce", loss, batch_size=len(batch), sync_dist=sync)
-            self.log("train/regularizer", regularizer, batch_size=len(batch), sync_dist=sync)
+            self.log("train/bce", loss, batch_size=len(batch.labels), sync_dist=sync)
+            self.log("train/regularizer", regularizer, batch_size=len(batch.labels), sync_dist=sync)
             loss = loss + regularizer
         # with several ranks, log the global batch's loss (the mean of the ranks' equal shares)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=sync)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.labels), sync_dist=sync)
         if not self.automatic_optimization:  # the stage has its own parameter groups (see configure_optimizers)
             optimizers = self.optimizers()
             optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -300,8 +300,8 @@ class CTRTask(pl.LightningModule):
         losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
         auc.update(torch.sigmoid(logits), batch.labels.long())
         logloss.update(losses)
-        self.log(f"{stage}/auc", auc, prog_bar=True, batch_size=len(batch))
-        self.log(f"{stage}/logloss", logloss, prog_bar=True, batch_size=len(batch))
+        self.log(f"{stage}/auc", auc, prog_bar=True, batch_size=len(batch.labels))
+        self.log(f"{stage}/logloss", logloss, prog_bar=True, batch_size=len(batch.labels))
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_auc, self.val_logloss, "val")
@@ -329,7 +329,8 @@ class CTRTask(pl.LightningModule):
                 hparams[key] = asdict(value)
         hparams["description"] = self.describe()
         if isinstance(self.net, DistributedModelParallel):  # a collective: every rank gets here
-            checkpoint["fused_optimizer_state"] = consolidated_optimizer_state(self.net, prefix="net.")
+            gathered = sharded_state.gather_optimizer_state(self.net, prefix="net.")  # + column shards' own states
+            checkpoint["fused_optimizer_state"], checkpoint["fused_optimizer_column_shards"] = gathered
             return
         checkpoint["fused_optimizer_state"] = {
             name: module.optimizer_state() for name, module in self.named_modules() if isinstance(module, FusedTables)
@@ -341,11 +342,11 @@ class CTRTask(pl.LightningModule):
         form than this task's is a clear error (rebuild it with :meth:`load_from_checkpoint`)."""
         self._check_description(checkpoint.get("hyper_parameters", {}).get("description"))
         saved = checkpoint.get("fused_optimizer_state", {})
-        fused = {name: module for name, module in self.named_modules() if isinstance(module, FusedTables)}
-        for name, state in saved.items():
-            if name in fused:
-                fused[name].load_optimizer_state(state)
-        self._pending_optimizer_state = saved if saved and not fused else None
+        fused = any(isinstance(module, FusedTables) for module in self.modules())
+        if saved and fused:
+            sharded_state.load_fused_optimizer_state(self, saved)
+        column_shards = checkpoint.get("fused_optimizer_column_shards", {})
+        self._pending_optimizer_state = (saved, column_shards) if saved and not fused else None
 
     def _check_description(self, saved: dict[str, Any] | None) -> None:
         if saved is None:  # written before checkpoints described themselves
@@ -370,7 +371,7 @@ class CTRTask(pl.LightningModule):
     def on_fit_start(self) -> None:
         pending, self._pending_optimizer_state = self._pending_optimizer_state, None
         if pending and isinstance(self.net, DistributedModelParallel):
-            load_sharded_optimizer_state(self.net, pending, prefix="net.")
+            sharded_state.load_sharded_optimizer_state(self.net, pending[0], prefix="net.", column_shards=pending[1])
         elif pending:
             log.info("Checkpoint has fused optimizer state but the tables are not fused: state not restored.")
         log.info("Sparse optimizer (fused in the tables): %s", asdict(self.sparse_optimizer))

@@ -11,8 +11,9 @@ and multi-node environments) and replaces the model wrapping:
   data-parallel (see :func:`~recsys_embed.training.sharding.shard_model`);
 * the data module slices each global batch per rank (see ``ParquetBatches``), so every rank gets its own rows and
   the same number of batches;
-* checkpoints are consolidated on rank 0 with the unsharded model's keys, so they load on any number of ranks
-  (and without this strategy).
+* checkpoints are consolidated on rank 0 with the unsharded model's keys and the fused optimizer state in one
+  process's layout (plus column shards' own row-wise accumulators), so they load exactly on any number of ranks
+  and any sharding plan (and without this strategy); see ``training/sharded_state.py``.
 
 Any LightningModule with a ``net`` (the model holding the TorchRec tables) and a ``sparse_optimizer``
 (:class:`~recsys_embed.methods.SparseOptimizer`) works; :class:`~recsys_embed.training.CTRTask` is one.
@@ -58,6 +59,8 @@ class TorchRecStrategy(DDPStrategy):
             ``row_wise``).
         memory_cap_bytes: table storage per rank the planner may use (host memory on CPU, HBM on CUDA); default:
             the planner's own topology defaults. A plan that does not fit fails on every rank with its message.
+        column_shard_dim: the width of column-wise shards (a multiple of 4 dividing the tables' dims; default
+            TorchRec's 128, so narrower tables stay whole under column-wise sharding).
         process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy`` (default backend: gloo on
             CPU, NCCL on CUDA).
     """
@@ -68,6 +71,7 @@ class TorchRecStrategy(DDPStrategy):
         self,
         sharding_types: list[str] | None = None,
         memory_cap_bytes: int | None = None,
+        column_shard_dim: int | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -77,6 +81,7 @@ class TorchRecStrategy(DDPStrategy):
             raise ValueError(f"memory_cap_bytes must be positive (got {memory_cap_bytes}).")
         self.sharding_types = sharding_types
         self.memory_cap_bytes = memory_cap_bytes
+        self.column_shard_dim = column_shard_dim
 
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None
@@ -96,6 +101,7 @@ class TorchRecStrategy(DDPStrategy):
                 device=self.root_device,
                 sharding_types=self.sharding_types,
                 memory_cap_bytes=self.memory_cap_bytes,
+                column_shard_dim=self.column_shard_dim,
             )
         self.model_to_device()  # after sharding: the whole tables never sit on one device
         if trainer.state.fn == TrainerFn.FITTING:
