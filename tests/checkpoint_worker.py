@@ -245,6 +245,22 @@ def error_messages(net: nn.Module, saved: dict[str, Any], folder: Path) -> dict[
     return messages
 
 
+def lightning_trainer(strategy: Any = "auto", world: int = 1) -> pl.Trainer:
+    """A quiet CPU trainer of LIGHTNING_STEPS steps without validation, logs or automatic checkpoints."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_steps=LIGHTNING_STEPS,
+        limit_val_batches=0,
+        inference_mode=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
 def lightning_runs(data_dir: str, out_dir: Path, world: int) -> None:
     """Fit CTRTask column-wise on the ranks and save; then resume at the last step and save again."""
     for ckpt_path, name in ((None, "lightning.ckpt"), (out_dir / "lightning.ckpt", "lightning.resumed.ckpt")):
@@ -252,18 +268,7 @@ def lightning_runs(data_dir: str, out_dir: Path, world: int) -> None:
         data = CTRDataModule(data_dir=data_dir, batch_size=64 // world, shuffle=True)
         task = CTRTask(data.cardinalities, data.num_dense, 8, EmbeddingSpec("qr", Budget(ratio=4)))
         strategy = TorchRecStrategy(sharding_types=["column_wise"], column_shard_dim=COLUMN_SHARD_DIM)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=world,
-            strategy=strategy,
-            max_steps=LIGHTNING_STEPS,
-            limit_val_batches=0,
-            inference_mode=False,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = lightning_trainer(strategy, world)
         trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
         trainer.save_checkpoint(out_dir / name)
         if ckpt_path is None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -36,7 +35,7 @@ from recsys_embed.training.distributed_checkpoint import (
 )
 from recsys_embed.training.planning import _column_constraints
 from recsys_embed.training.sharded_state import load_fused_optimizer_state
-from tests.checkpoint_worker import LIGHTNING_STEPS, OPTIMIZER, TABLES, build, cases
+from tests.checkpoint_worker import LIGHTNING_STEPS, OPTIMIZER, TABLES, build, cases, lightning_trainer
 from tests.conftest import make_tables, random_kjt
 from tests.test_sharding import launch
 
@@ -157,21 +156,6 @@ def test_loading_fused_state_with_other_entries_or_shapes_on_one_process_is_a_cl
     doubled = {"emb.tables": {**state["emb.tables"], "t0.0": torch.zeros(14)}}  # the old column-wise layout
     with pytest.raises(ValueError, match=r"emb.tables/t0.0 has shape \(14,\), the table expects \(7,\)"):
         load_fused_optimizer_state(net, doubled)
-
-
-def lightning_trainer(strategy: Any = "auto") -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=strategy,
-        max_steps=LIGHTNING_STEPS,
-        limit_val_batches=0,
-        inference_mode=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
 
 
 def assert_same_checkpoint_state(got: dict[str, Any], expected: dict[str, Any]) -> None:
