@@ -43,7 +43,7 @@ def naive_pandas_batches(path: str, schema: CTRSchema, batch_size: int, max_rows
 def rows_per_second(batches: Iterator) -> tuple[int, float]:
     start, rows = time.perf_counter(), 0
     for batch in batches:
-        rows += len(batch[2]) if isinstance(batch, tuple) else len(batch)
+        rows += len(batch[2]) if isinstance(batch, tuple) else len(batch.labels)
     return rows, rows / (time.perf_counter() - start)
 
 

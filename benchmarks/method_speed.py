@@ -55,7 +55,7 @@ def make_step(embedding: nn.Module, fused: bool, dim_out: int) -> Callable[[Batc
         optimizers = [torch.optim.Adagrad(sparse, lr=0.05)] + ([torch.optim.Adagrad(dense, lr=0.05)] if dense else [])
 
     def step(batch: Batch) -> None:
-        logits = head(embedding(batch.sparse).values()).squeeze(1)
+        logits = head(embedding(batch.sparse_features).values()).squeeze(1)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         loss.backward()
         for opt in optimizers:
@@ -118,7 +118,7 @@ def main() -> None:
         serving = build(name, tables, args.ratio, counts)
         fuse_tables(serving, SparseOptimizer())
         with torch.no_grad():
-            infer_ms = median_ms(lambda b, module=serving: module(b.sparse), batches, args.steps)
+            infer_ms = median_ms(lambda b, module=serving: module(b.sparse_features), batches, args.steps)
         rows.append((name, serving.compression_ratio(), fused_ms, plain_ms, infer_ms))
         print(f"  measured {name}", flush=True)
     full_ms = rows[0][2]

@@ -14,6 +14,9 @@ or any parquet file of the data's schema with ``--predict_file``) to parquet (``
 ``<trainer.default_root_dir>/predictions/<split or file name>.parquet``; see
 :mod:`recsys_embed.training.predictions`).
 
+One ``fit`` writes one run folder, ``<save_dir>/lightning_logs/version_N/``: the CSV metrics, the TensorBoard
+events, ``hparams.yaml``, ``config.yaml`` and ``checkpoints/`` (see :mod:`recsys_embed.training.run_folder`).
+
 A user error (a ``ValueError`` of ours, a bad option) prints one line, ``error: ...``, and exits with status 2;
 ``--debug`` (or ``RECSYS_EMBED_DEBUG=1``) shows its traceback instead. Internal bugs always show theirs (see
 :mod:`recsys_embed.console`).
@@ -47,14 +50,16 @@ from recsys_embed.console import (
     HeldLogs,
     UsageError,
     debug_requested,
+    package_logger,
     quiet_iterable_length_warning,
     quiet_library_noise,
     user_error_message,
 )
 from recsys_embed.data import CTRDataModule
-from recsys_embed.methods import Stage
+from recsys_embed.methods import Stage, available_methods
 from recsys_embed.training import CTRTask
 from recsys_embed.training.predictions import PredictionBatches, PredictionWriter
+from recsys_embed.training.run_folder import share_run_folder
 from recsys_embed.training.stages import StagedRun, fingerprint, run_stages
 
 log = logging.getLogger(__name__)
@@ -90,8 +95,23 @@ class RecsysCLI(LightningCLI):
                 message += f"; did you mean {close[0]}?"
         return f"{message} (see {prog} --help)"
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommands, listed with the sentences of :data:`SUBCOMMANDS` (Lightning lists the first
+        line of each ``Trainer`` method's docstring, often cut mid-sentence), then the commands ``main`` runs
+        itself (:data:`OTHER_COMMANDS`), so that ``recsys-embed --help`` lists every command."""
+        super()._add_subcommands(parser, **kwargs)
+        commands = parser._subcommands_action
+        for listed in commands._choices_actions:  # argparse's help entries, one per subcommand
+            listed.help = SUBCOMMANDS[listed.dest]
+        for name, sentence in OTHER_COMMANDS.items():
+            commands._choices_actions.append(commands._ChoicesPseudoAction(name, (), sentence))
+        commands.metavar = "{" + ",".join([*SUBCOMMANDS, *OTHER_COMMANDS]) + "}"
+
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for action in parser._actions:  # the embedding spec is a dataclass without per-field help
+            if action.dest in EMBEDDING_HELP:
+                action.help = EMBEDDING_HELP[action.dest].format(methods=", ".join(available_methods()))
         if subcommand == "predict":
             parser.add_argument(
                 "--predict_split",
@@ -113,6 +133,13 @@ class RecsysCLI(LightningCLI):
                 "default <trainer.default_root_dir>/predictions/<split or file name>.parquet.",
             )
         return parser
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured Trainer, its CSV and TensorBoard loggers writing to one run folder (with the
+        checkpoints and config.yaml, see :mod:`recsys_embed.training.run_folder`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        share_run_folder(trainer.loggers)  # the stages' trainers reuse these logger objects
+        return trainer
 
     def after_instantiate_classes(self) -> None:
         """Check what can be checked before running (a fit's --stage), then let the setup logs out."""
@@ -236,14 +263,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-BENCH_HINT = (
-    "More commands: recsys-embed bench (the method x budget sweep; bench --help), recsys-embed methods (every "
-    "compression method with its options, memory formula and reachable ratios) and recsys-embed data "
-    "{criteo,frappe,movielens} (public datasets -> dataset folders; data --help)."
-)
-
-
 DESCRIPTION = "Train, evaluate and apply CTR models with compressed embedding tables (--debug: show tracebacks)."
+EPILOG = "Run 'recsys-embed COMMAND --help' for a command's options."
 #: one sentence per LightningCLI subcommand (Lightning's own are cut mid-sentence in the listing)
 SUBCOMMANDS = {
     "fit": "Train a model (every stage of a staged method); --test_after_fit true also tests the best checkpoint.",
@@ -251,20 +272,29 @@ SUBCOMMANDS = {
     "test": "Evaluate a model (e.g. --ckpt_path FILE) on the test split.",
     "predict": "Write the click probability of every row of a split or parquet file to parquet (--ckpt_path FILE).",
 }
+#: the commands ``main`` runs itself (not LightningCLI subcommands), listed with those in ``--help``
+OTHER_COMMANDS = {
+    "bench": "Run the method x memory budget benchmark sweep, then write its report and Pareto plot.",
+    "methods": "Show every compression method with its options, memory formula and reachable ratios.",
+    "data": "Turn a downloaded public dataset (criteo, frappe, movielens) into a dataset folder.",
+}
+#: help of the embedding spec's options in fit/validate/test/predict --help ({methods}: the registered names)
+EMBEDDING_HELP = {
+    "model.embedding.method": "The compression method, one of: {methods} (recsys-embed methods NAME shows its "
+    "options, memory formula and reachable ratios).",
+    "model.embedding.budget": "The embedding memory budget the method sizes itself to: --model.embedding.budget."
+    "ratio R (R times smaller than full fp32 tables) or ...budget.bytes N; leave out to give the method's options.",
+    "model.embedding.options": "The method's own options (e.g. {{rows: 100000}} for hash), used as given without a "
+    "budget; recsys-embed methods NAME lists them.",
+}
 SUBCOMMAND_USAGE = "%(prog)s [-c CONFIG] [--print_config] [--OPTION VALUE ...] [--debug]"
 
 
 def main(args: list[str] | None = None) -> int | None:
     """The ``recsys-embed`` entry point: ``fit``/``validate``/``test``/``predict`` (LightningCLI), ``bench``,
-    ``methods``. Returns the exit status: ``None`` (success) or 2 after printing a user error's one line."""
+    ``methods``, ``data``. Returns the exit status: ``None`` (success) or 2 after printing a user error's one line."""
     debug, argv = debug_requested(list(sys.argv[1:] if args is None else args))
-    package_log = logging.getLogger("recsys_embed")
-    if not package_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        package_log.addHandler(handler)
-        package_log.setLevel(logging.INFO)
-        package_log.propagate = False  # libraries (torchrec) may configure the root logger too: print once
+    package_logger()
     quiet_library_noise()
     with HeldLogs() as held:
         try:
@@ -295,7 +325,7 @@ def _run(argv: list[str], held: HeldLogs) -> int | None:
 
         held.release()
         return data_main(argv[1:])
-    parser_kwargs: dict[str, Any] = {"default_env": False, "epilog": BENCH_HINT, "prog": "recsys-embed"}
+    parser_kwargs: dict[str, Any] = {"default_env": False, "epilog": EPILOG, "prog": "recsys-embed"}
     parser_kwargs |= {"exit_on_error": False, "formatter_class": CompactHelpFormatter, "description": DESCRIPTION}
     for subcommand, description in SUBCOMMANDS.items():
         parser_kwargs[subcommand] = {

@@ -19,12 +19,13 @@ import argparse
 import logging
 import os
 import re
+import sys
 import traceback
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 from jsonargparse import DefaultHelpFormatter
 
@@ -53,6 +54,34 @@ QUIET_LOGS: tuple[tuple[str, str], ...] = (
 )
 #: Lightning's warning for any IterableDataset with a ``__len__`` (exact while data.num_workers <= 1)
 ITERABLE_LEN_WARNING = r"Your `IterableDataset` has `__len__` defined"
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record is emitted, not when it was built: a
+    caller (pytest's capture, a redirect) may replace and close the stream between calls of ``main``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ assigns it; always read sys.stderr instead
+        pass
+
+
+def package_logger() -> logging.Logger:
+    """The ``recsys_embed`` logger, printing INFO and up once on the current stderr (not through the root logger,
+    which torchrec's import may configure too)."""
+    log = logging.getLogger("recsys_embed")
+    if not any(isinstance(h, _CurrentStderr) for h in log.handlers):
+        log.addHandler(_CurrentStderr())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return log
 
 
 class UsageError(Exception):

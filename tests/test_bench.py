@@ -336,7 +336,7 @@ def test_method_versions_in_cell_ids_and_the_report(tmp_path: Path, monkeypatch:
 
     cells = expand_grid(parse_spec(small_spec(seeds=[0])))
     hashed = next(c for c in cells if c.method.name == "hash")
-    assert "version" not in hashed.settings()["method"]  # version 1: ids of results written before versions stay
+    assert hashed.settings()["method"]["version"] == 1
     before = hashed.cell_id
     monkeypatch.setattr(method_class("hash"), "version", 2)
     assert hashed.settings()["method"]["version"] == 2 and hashed.cell_id != before  # a bump reruns the cell

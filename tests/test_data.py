@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from torchrec.datasets.utils import Batch as TorchRecBatch
+from torchrec.streamable import Pipelineable
 
 from recsys_embed.data import CTRDataModule, CTRSchema, ParquetBatches, SyntheticConfig, generate_synthetic
 from recsys_embed.data.schema import load_id_counts
@@ -41,17 +43,29 @@ def _small_folder(tmp_path: Path, rows: int = 5, row_group: int | None = None) -
 def test_batches_equal_a_hand_built_reference(tmp_path: Path) -> None:
     schema = _small_folder(tmp_path)
     batches = list(ParquetBatches(tmp_path / "train.parquet", schema, batch_size=3))
-    assert [len(b) for b in batches] == [3, 2]
+    assert [len(b.labels) for b in batches] == [3, 2]
     first = batches[0]
-    assert first.sparse.keys() == ["cat_0", "cat_1"]
+    assert first.sparse_features.keys() == ["cat_0", "cat_1"]
     # feature-major: cat_0 of rows 0..2, then cat_1 of rows 0..2; one id per bag
-    assert first.sparse.values().tolist() == [3, 1, 4, 9, 2, 6]
-    assert first.sparse.lengths().tolist() == [1] * 6
-    assert first.sparse.stride() == 3
-    torch.testing.assert_close(first.dense, torch.tensor([[0.5, 10.0], [1.5, 11.0], [2.5, 12.0]]))
+    assert first.sparse_features.values().tolist() == [3, 1, 4, 9, 2, 6]
+    assert first.sparse_features.lengths().tolist() == [1] * 6
+    assert first.sparse_features.stride() == 3
+    torch.testing.assert_close(first.dense_features, torch.tensor([[0.5, 10.0], [1.5, 11.0], [2.5, 12.0]]))
     torch.testing.assert_close(first.labels, torch.tensor([1.0, 0.0, 0.0]))
-    assert batches[1].sparse.values().tolist() == [1, 5, 5, 3]
-    assert first.sparse.to_dict()["cat_1"].values().tolist() == [9, 2, 6]
+    assert batches[1].sparse_features.values().tolist() == [1, 5, 5, 3]
+    assert first.sparse_features.to_dict()["cat_1"].values().tolist() == [9, 2, 6]
+
+
+def test_batches_are_torchrecs_pipelineable_batch(tmp_path: Path) -> None:
+    """TorchRec's GPU train pipelines need ``to`` / ``pin_memory`` / ``record_stream``: TorchRec's Batch has them."""
+    schema = _small_folder(tmp_path)
+    batch = next(iter(ParquetBatches(tmp_path / "train.parquet", schema, batch_size=3)))
+    assert type(batch) is TorchRecBatch and isinstance(batch, Pipelineable)
+    moved = batch.to(torch.device("cpu"), non_blocking=True)
+    assert type(moved) is TorchRecBatch
+    torch.testing.assert_close(moved.dense_features, batch.dense_features)
+    assert moved.sparse_features.values().tolist() == batch.sparse_features.values().tolist()
+    torch.testing.assert_close(moved.labels, batch.labels)
 
 
 def test_batches_span_row_groups_and_drop_last(tmp_path: Path) -> None:
@@ -61,7 +75,7 @@ def test_batches_span_row_groups_and_drop_last(tmp_path: Path) -> None:
     assert [b.labels.tolist() for b in ds] == [[1, 0, 0], [1, 0]]
     assert len(ds) == 2
     dropped = ParquetBatches(tmp_path / "train.parquet", schema, batch_size=3, drop_last=True)
-    assert [len(b) for b in dropped] == [3] and len(dropped) == 1
+    assert [len(b.labels) for b in dropped] == [3] and len(dropped) == 1
 
 
 def test_shuffle_is_a_seeded_permutation_that_changes_per_epoch(tiny_dataset: Path) -> None:
@@ -71,9 +85,11 @@ def test_shuffle_is_a_seeded_permutation_that_changes_per_epoch(tiny_dataset: Pa
     def rows(epoch: int, seed: int = 0) -> np.ndarray:
         ds = ParquetBatches(path, schema, batch_size=1000, shuffle=True, seed=seed)
         ds.set_epoch(epoch)
-        return np.concatenate([b.sparse.to_dict()["cat_3"].values().numpy() for b in ds])
+        return np.concatenate([b.sparse_features.to_dict()["cat_3"].values().numpy() for b in ds])
 
-    plain = np.concatenate([b.sparse.to_dict()["cat_3"].values().numpy() for b in ParquetBatches(path, schema, 1000)])
+    plain = np.concatenate(
+        [b.sparse_features.to_dict()["cat_3"].values().numpy() for b in ParquetBatches(path, schema, 1000)]
+    )
     epoch0 = rows(0)
     assert np.array_equal(epoch0, rows(0))  # deterministic
     assert not np.array_equal(epoch0, rows(1))  # a new order each epoch
@@ -85,9 +101,12 @@ def test_shuffle_is_a_seeded_permutation_that_changes_per_epoch(tiny_dataset: Pa
 def test_ranks_take_equal_slices_of_the_global_batches_of_one_process(tmp_path: Path, shuffle: bool) -> None:
     schema = _small_folder(tmp_path, row_group=2)
     path = tmp_path / "train.parquet"
-    one = [b.dense[:, 0].tolist() for b in ParquetBatches(path, schema, 2, shuffle=shuffle, seed=3)]
+    one = [b.dense_features[:, 0].tolist() for b in ParquetBatches(path, schema, 2, shuffle=shuffle, seed=3)]
     ranks = [
-        [b.dense[:, 0].tolist() for b in ParquetBatches(path, schema, 1, shuffle=shuffle, seed=3, rank=r, world_size=2)]
+        [
+            b.dense_features[:, 0].tolist()
+            for b in ParquetBatches(path, schema, 1, shuffle=shuffle, seed=3, rank=r, world_size=2)
+        ]
         for r in range(2)
     ]
     assert len(one) == 3  # 2 + 2 + 1 rows
@@ -165,8 +184,8 @@ def test_datamodule_on_the_cached_synthetic_data() -> None:
     assert dm.cardinalities == dict(zip(dm.schema.sparse, TINY_SYNTHETIC.cardinalities()))
     assert dm.num_dense == 3
     batch = next(iter(dm.train_dataloader()))
-    assert len(batch) == 512 and batch.dense.shape == (512, 3)
-    assert sum(len(b) for b in dm.val_dataloader()) == 1500
+    assert len(batch.labels) == 512 and batch.dense_features.shape == (512, 3)
+    assert sum(len(b.labels) for b in dm.val_dataloader()) == 1500
     again = CTRDataModule(synthetic=TINY_SYNTHETIC)
     assert again.data_dir == dm.data_dir  # generated once, then reused
     assert set(dm.id_counts()) == set(dm.schema.sparse)
@@ -183,7 +202,7 @@ def test_dataloader_workers_split_the_rows_without_duplicates(tiny_dataset: Path
     schema = CTRSchema.load(tiny_dataset)
     ds = ParquetBatches(schema.split_path(tiny_dataset, "train"), schema, batch_size=1000)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    labels_seen = sum(len(b) for b in loader)
+    labels_seen = sum(len(b.labels) for b in loader)
     assert labels_seen == TINY_SYNTHETIC.train_rows
 
 
@@ -207,10 +226,10 @@ def test_schema_with_unknown_keys_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_datamodule_drops_the_last_train_batch_only() -> None:
     dm = CTRDataModule(synthetic=TINY_SYNTHETIC, batch_size=1000, eval_batch_size=1000)
-    assert [len(b) for b in dm.train_dataloader()] == [1000] * 6  # 6000 rows
-    assert sum(len(b) for b in dm.val_dataloader()) == TINY_SYNTHETIC.val_rows
+    assert [len(b.labels) for b in dm.train_dataloader()] == [1000] * 6  # 6000 rows
+    assert sum(len(b.labels) for b in dm.val_dataloader()) == TINY_SYNTHETIC.val_rows
     dm = CTRDataModule(synthetic=TINY_SYNTHETIC, batch_size=4000, drop_last=False)
-    assert [len(b) for b in dm.train_dataloader()] == [4000, 2000]
+    assert [len(b.labels) for b in dm.train_dataloader()] == [4000, 2000]
     with pytest.raises(ValueError, match="fewer than data.batch_size=8000"):
         CTRDataModule(synthetic=TINY_SYNTHETIC, batch_size=8000)
 

@@ -161,13 +161,13 @@ def test_criteo_folder_loads_through_the_datamodule(criteo_sample: tuple[Path, P
     dm = CTRDataModule(data_dir=str(folder), batch_size=512, shuffle=False)
     assert dm.num_dense == 13 and dm.cardinalities == CTRSchema.load(folder).cardinalities
     batch = next(iter(dm.train_dataloader()))
-    assert batch.dense.shape == (512, 13) and batch.labels.shape == (512,)
-    assert batch.sparse.keys() == [f"cat_{k}" for k in range(26)]
-    assert batch.sparse.lengths().eq(1).all()
-    for key, jt in batch.sparse.to_dict().items():
+    assert batch.dense_features.shape == (512, 13) and batch.labels.shape == (512,)
+    assert batch.sparse_features.keys() == [f"cat_{k}" for k in range(26)]
+    assert batch.sparse_features.lengths().eq(1).all()
+    for key, jt in batch.sparse_features.to_dict().items():
         values = jt.values()
         assert values.min() >= 0 and values.max() < dm.cardinalities[key], key
-    assert sum(len(b) for b in dm.test_dataloader()) == 714
+    assert sum(len(b.labels) for b in dm.test_dataloader()) == 714
 
 
 @pytest.mark.parametrize(
@@ -409,8 +409,8 @@ def test_movielens_100k_time_split(tmp_path: Path) -> None:
     _check_ids_and_counts(tmp_path / "out")
     dm = CTRDataModule(data_dir=str(tmp_path / "out"), batch_size=1000)
     batch = next(iter(dm.val_dataloader()))
-    assert batch.dense.shape == (1000, 0) and batch.sparse.keys() == [f"cat_{f}" for f in range(8)]
-    for key, jt in batch.sparse.to_dict().items():
+    assert batch.dense_features.shape == (1000, 0) and batch.sparse_features.keys() == [f"cat_{f}" for f in range(8)]
+    for key, jt in batch.sparse_features.to_dict().items():
         assert 0 <= int(jt.values().min()) and int(jt.values().max()) < dm.cardinalities[key]
 
 

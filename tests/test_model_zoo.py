@@ -13,10 +13,12 @@ import yaml
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.models.dlrm import DLRM as TorchRecDLRM
+from torchrec.modules.deepfm import FactorizationMachine
 
 from recsys_embed.cli import main
 from recsys_embed.methods import available_methods, build_embedding
-from recsys_embed.models import DCN, DLRM, CrossNet, CrossNetV2, DCNv2, DeepFM, WideDeep
+from recsys_embed.models import DCN, DLRM, DCNv2, DeepFM, WideDeep
+from recsys_embed.models.cross import dcn_cross, dcnv2_cross
 from recsys_embed.models.layers import EmbeddingFields, fm_interaction, mlp
 from tests.conftest import budget_for, make_tables, method_options, random_kjt
 from tests.test_cli import TINY
@@ -143,44 +145,89 @@ def _set(param: torch.Tensor, values: list) -> None:
 
 
 def test_cross_v1_matches_a_hand_computation() -> None:
-    cross = CrossNet(2, num_layers=2)
-    _set(cross.weights[0], [0.5, -1.0])
-    _set(cross.biases[0], [0.1, 0.2])
-    _set(cross.weights[1], [1.0, 1.0])
-    _set(cross.biases[1], [0.0, 0.0])
+    cross = dcn_cross(2, num_layers=2)  # TorchRec's VectorCrossNet
+    _set(cross.kernels[0], [[0.5], [-1.0]])
+    _set(cross.bias[0], [[0.1], [0.2]])
+    _set(cross.kernels[1], [[1.0], [1.0]])
+    _set(cross.bias[1], [[0.0], [0.0]])
     # x0 = [1, 2]: x0.w0 = -1.5 -> x1 = x0 * -1.5 + b0 + x0 = [-0.4, -0.8]; x1.w1 = -1.2 -> x2 = [-1.6, -3.2]
     got = cross(torch.tensor([[1.0, 2.0], [0.0, 0.0]]))
     torch.testing.assert_close(got, torch.tensor([[-1.6, -3.2], [0.1, 0.2]]))
 
 
 def test_cross_v2_full_and_low_rank_match_hand_computations() -> None:
-    full = CrossNetV2(2, num_layers=2)
-    _set(full.layers[0].weight, [[1.0, 0.0], [2.0, -1.0]])
-    _set(full.layers[0].bias, [0.5, 0.0])
-    _set(full.layers[1].weight, [[1.0, 0.0], [0.0, 1.0]])
-    _set(full.layers[1].bias, [0.0, 0.0])
+    full = dcnv2_cross(2, num_layers=2)  # TorchRec's CrossNet
+    _set(full.kernels[0], [[1.0, 0.0], [2.0, -1.0]])
+    _set(full.bias[0], [[0.5], [0.0]])
+    _set(full.kernels[1], [[1.0, 0.0], [0.0, 1.0]])
+    _set(full.bias[1], [[0.0], [0.0]])
     # x0 = [1, 2]: W0 x0 + b0 = [1.5, 0] -> x1 = x0 * [1.5, 0] + x0 = [2.5, 2]; W1 x1 = x1 -> x2 = x0 * x1 + x1 = [5, 6]
     torch.testing.assert_close(full(torch.tensor([[1.0, 2.0]])), torch.tensor([[5.0, 6.0]]))
 
-    low = CrossNetV2(2, num_layers=1, low_rank=1)
-    down, up = low.layers[0]
-    _set(down.weight, [[1.0, 1.0]])  # V^T
-    _set(up.weight, [[2.0], [-1.0]])  # U
-    _set(up.bias, [0.0, 1.0])
+    low = dcnv2_cross(2, num_layers=1, low_rank=1)  # TorchRec's LowRankCrossNet
+    _set(low.V_kernels[0], [[1.0, 1.0]])  # V^T
+    _set(low.W_kernels[0], [[2.0], [-1.0]])  # U
+    _set(low.bias[0], [0.0, 1.0])
     # V^T x0 = 3 -> U 3 + b = [6, -2] -> x1 = x0 * [6, -2] + x0 = [7, -2]
     torch.testing.assert_close(low(torch.tensor([[1.0, 2.0]])), torch.tensor([[7.0, -2.0]]))
 
 
 def test_low_rank_cross_equals_full_rank_with_w_equal_u_v_transpose() -> None:
     torch.manual_seed(0)
-    low = CrossNetV2(5, num_layers=2, low_rank=2)
-    full = CrossNetV2(5, num_layers=2)
+    low = dcnv2_cross(5, num_layers=2, low_rank=2)
+    full = dcnv2_cross(5, num_layers=2)
     with torch.no_grad():
-        for (down, up), dense in zip(low.layers, full.layers):
-            dense.weight.copy_(up.weight @ down.weight)
-            dense.bias.copy_(up.bias)
+        for layer in range(2):
+            full.kernels[layer].copy_(low.W_kernels[layer] @ low.V_kernels[layer])
+            full.bias[layer].copy_(low.bias[layer].unsqueeze(1))
     x0 = torch.randn(4, 5)
     torch.testing.assert_close(low(x0), full(x0))
+
+
+def _linear_cross(x0: torch.Tensor, layers: list[nn.Module]) -> torch.Tensor:
+    """The cross networks as this project computed them before TorchRec's: ``x = x0 * layer(x) + x``."""
+    x = x0
+    for layer in layers:
+        x = x0 * layer(x) + x
+    return x
+
+
+@pytest.mark.parametrize("low_rank", [None, 3])
+def test_torchrec_cross_v2_starts_and_computes_as_the_earlier_linear_layers(low_rank: int | None) -> None:
+    """Same seed, same numbers: the TorchRec module draws nn.Linear's init in nn.Linear's order (so seeded runs keep
+    their figures) and computes the same outputs as the earlier Linear-based layers with those weights."""
+    torch.manual_seed(3)
+    cross = dcnv2_cross(7, num_layers=2, low_rank=low_rank)
+    after_cross = torch.rand(1)
+    torch.manual_seed(3)
+    if low_rank is None:
+        layers = [nn.Linear(7, 7) for _ in range(2)]
+        assert all(torch.equal(cross.kernels[i], layer.weight) for i, layer in enumerate(layers))
+        assert all(torch.equal(cross.bias[i].squeeze(1), layer.bias) for i, layer in enumerate(layers))
+    else:
+        layers = [nn.Sequential(nn.Linear(7, low_rank, bias=False), nn.Linear(low_rank, 7)) for _ in range(2)]
+        for i, (down, up) in enumerate(layers):
+            assert torch.equal(cross.V_kernels[i], down.weight) and torch.equal(cross.W_kernels[i], up.weight)
+            assert torch.equal(cross.bias[i], up.bias)
+    assert torch.equal(torch.rand(1), after_cross)  # the generator is where the earlier layers left it
+    x0 = torch.randn(5, 7)
+    torch.testing.assert_close(cross(x0), _linear_cross(x0, layers))
+
+
+def test_torchrec_cross_v1_starts_and_computes_as_the_earlier_vectors() -> None:
+    torch.manual_seed(3)
+    cross = dcn_cross(6, num_layers=2)
+    torch.manual_seed(3)
+    weights = [torch.empty(6).uniform_(-(6**-0.5), 6**-0.5) for _ in range(2)]
+    assert all(torch.equal(cross.kernels[i].squeeze(1), w) for i, w in enumerate(weights))
+    assert all(torch.equal(b, torch.zeros(6, 1)) for b in cross.bias)
+    with torch.no_grad():
+        cross.bias[1].fill_(0.3)
+    x0 = torch.randn(5, 6)
+    x = x0
+    for w, b in zip(weights, [0.0, 0.3]):  # DCN: x0 * (x . w) + b + x
+        x = x0 * (x @ w).unsqueeze(1) + b + x
+    torch.testing.assert_close(cross(x0), x)
 
 
 def test_deepfm_fm_part_is_the_pairwise_sum_over_fields_and_the_dense_field() -> None:
@@ -221,11 +268,22 @@ def test_concatenating_models_accept_mixed_dims(model_name: str) -> None:
     assert model(dense, kjt).shape == (5,)
 
 
-def test_default_mlp_is_dlrms_linear_relu_stack() -> None:
-    """DLRM's state-dict keys (and so its checkpoints) are unchanged by the mlp() options."""
+def test_fm_term_is_not_torchrecs_factorization_machine() -> None:
+    """Why DeepFM keeps :func:`fm_interaction`: TorchRec's FM sums the products of all F*D scalars, not field pairs."""
+    vectors = torch.tensor([[[1.0, 2.0], [3.0, -1.0]]])  # one row, F = 2 fields, D = 2
+    torch.testing.assert_close(fm_interaction(vectors), torch.tensor([1.0 * 3.0 + 2.0 * -1.0]))  # <v_1, v_2> = 1
+    scalars = [1.0, 2.0, 3.0, -1.0]
+    all_pairs = sum(scalars[i] * scalars[j] for i in range(4) for j in range(i + 1, 4))  # = -1
+    torch.testing.assert_close(FactorizationMachine()([vectors]), torch.tensor([[all_pairs]]))
+
+
+def test_mlp_layer_order_and_identity() -> None:
+    """:func:`mlp` (the deep towers; TorchRec's MLP has no batch norm or dropout) keeps its layer order."""
     assert [type(m) for m in mlp(4, [3, 2], last_activation=False)] == [nn.Linear, nn.ReLU, nn.Linear]
     layers = [type(m) for m in mlp(4, [3, 2], dropout=0.1, batch_norm=True, last_activation=False)]
     assert layers == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout, nn.Linear]
+    x = torch.randn(2, 4)
+    assert torch.equal(mlp(4, [])(x), x)
 
 
 # ---- a TorchRec model as the user of a recsys_embed method -------------------------------------------------------

@@ -46,7 +46,7 @@ def _folder(tmp_path: Path, tags: pa.Array | None = None, row_group: int = 2, or
 
 def _bags(batch: object, key: str) -> list[list[int]]:
     """Each row's bag of ``key`` in a batch's KJT."""
-    jt = batch.sparse.to_dict()[key]  # type: ignore[attr-defined]
+    jt = batch.sparse_features.to_dict()[key]  # type: ignore[attr-defined]
     return [t.tolist() for t in torch.split(jt.values(), jt.lengths().tolist())]
 
 
@@ -96,23 +96,24 @@ def test_nulls_in_lists_are_one_clear_error(tmp_path: Path, column: pa.Array, me
 def test_lists_become_kjt_lengths_and_values_exactly(tmp_path: Path) -> None:
     schema = _folder(tmp_path)
     batches = list(ParquetBatches(tmp_path / "train.parquet", schema, batch_size=2))
-    assert [len(b) for b in batches] == [2, 2, 1]
+    assert [len(b.labels) for b in batches] == [2, 2, 1]
     # feature-major: cat_0 of the rows (bags of one), then each row's tags list; empty lists are empty bags
-    assert batches[0].sparse.values().tolist() == [3, 1, 1, 2]
-    assert batches[0].sparse.lengths().tolist() == [1, 1, 2, 0]
-    assert batches[1].sparse.values().tolist() == [4, 1, 3, 3, 0, 4]
-    assert batches[1].sparse.lengths().tolist() == [1, 1, 3, 1]
-    assert batches[2].sparse.values().tolist() == [5] and batches[2].sparse.lengths().tolist() == [1, 0]
-    assert all(b.sparse.stride() == len(b) for b in batches)
-    assert batches[0].sparse.values().dtype == torch.int64
+    assert batches[0].sparse_features.values().tolist() == [3, 1, 1, 2]
+    assert batches[0].sparse_features.lengths().tolist() == [1, 1, 2, 0]
+    assert batches[1].sparse_features.values().tolist() == [4, 1, 3, 3, 0, 4]
+    assert batches[1].sparse_features.lengths().tolist() == [1, 1, 3, 1]
+    assert batches[2].sparse_features.values().tolist() == [5]
+    assert batches[2].sparse_features.lengths().tolist() == [1, 0]
+    assert all(b.sparse_features.stride() == len(b.labels) for b in batches)
+    assert batches[0].sparse_features.values().dtype == torch.int64
 
 
 def test_batches_that_span_row_groups_and_key_order_follow_the_schema(tmp_path: Path) -> None:
     schema = _folder(tmp_path, order=("tags", "cat_0"))
     batches = list(ParquetBatches(tmp_path / "train.parquet", schema, batch_size=3))  # row groups of 2 rows
-    assert batches[0].sparse.keys() == ["tags", "cat_0"]
-    assert batches[0].sparse.values().tolist() == [1, 2, 3, 3, 0, 3, 1, 4]
-    assert batches[0].sparse.lengths().tolist() == [2, 0, 3, 1, 1, 1]
+    assert batches[0].sparse_features.keys() == ["tags", "cat_0"]
+    assert batches[0].sparse_features.values().tolist() == [1, 2, 3, 3, 0, 3, 1, 4]
+    assert batches[0].sparse_features.lengths().tolist() == [2, 0, 3, 1, 1, 1]
     assert [_bags(b, "tags") for b in batches] == [TAGS[:3], TAGS[3:]]
 
 
@@ -120,7 +121,7 @@ def test_batches_that_span_row_groups_and_key_order_follow_the_schema(tmp_path: 
 def test_any_integer_list_type_reads_as_int64(tmp_path: Path, kind: pa.DataType) -> None:
     schema = _folder(tmp_path, tags=pa.array(TAGS, kind))
     batches = list(ParquetBatches(tmp_path / "train.parquet", schema, batch_size=5))
-    assert _bags(batches[0], "tags") == TAGS and batches[0].sparse.values().dtype == torch.int64
+    assert _bags(batches[0], "tags") == TAGS and batches[0].sparse_features.values().dtype == torch.int64
 
 
 def _row_list(r: int) -> list[int]:
@@ -145,7 +146,7 @@ def test_shuffling_keeps_each_rows_list_with_the_row(tmp_path: Path) -> None:
     path, schema = _numbered_rows(tmp_path)
     seen = []
     for batch in ParquetBatches(path, schema, batch_size=37, shuffle=True, seed=4):
-        rows = batch.dense[:, 0].long().tolist()
+        rows = batch.dense_features[:, 0].long().tolist()
         assert _bags(batch, "tags") == [_row_list(r) for r in rows]
         assert _bags(batch, "cat_0") == [[r % 13] for r in rows]
         seen += rows
@@ -159,11 +160,11 @@ def test_each_rank_gets_its_rows_with_their_lists(tmp_path: Path, shuffle: bool)
     ranks = [list(ParquetBatches(path, schema, 20, shuffle=shuffle, seed=2, rank=r, world_size=2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == len(one)
     for whole, first, second in zip(one, *ranks):
-        assert len(first) == len(second) == len(whole) // 2
+        assert len(first.labels) == len(second.labels) == len(whole.labels) // 2
         for key in ("tags", "cat_0"):
-            assert _bags(first, key) + _bags(second, key) == _bags(whole, key)[: 2 * len(first)]
+            assert _bags(first, key) + _bags(second, key) == _bags(whole, key)[: 2 * len(first.labels)]
         for part in (first, second):
-            assert _bags(part, "tags") == [_row_list(r) for r in part.dense[:, 0].long().tolist()]
+            assert _bags(part, "tags") == [_row_list(r) for r in part.dense_features[:, 0].long().tolist()]
 
 
 def test_an_id_outside_the_cardinality_inside_a_list_is_rejected_by_the_method(tmp_path: Path) -> None:
@@ -171,7 +172,7 @@ def test_an_id_outside_the_cardinality_inside_a_list_is_rejected_by_the_method(t
     batch = next(iter(ParquetBatches(tmp_path / "train.parquet", schema, 5)))
     emb = build_embedding("full", tables_for(schema.cardinalities, 4))
     with pytest.raises(ValueError, match=r"Feature 'tags' has id 7, but it was declared with 5 ids"):
-        emb(batch.sparse)
+        emb(batch.sparse_features)
 
 
 # ------------------------------------------------------------------------------------------------- id counts
@@ -251,9 +252,9 @@ def test_datamodule_streams_lists_as_bags(multi_hot_dataset: Path) -> None:
     assert dm.cardinalities == dict(zip(dm.schema.sparse, MULTI.cardinalities()))
     batches = list(dm.train_dataloader())
     assert len(batches) == 6
-    lengths = batches[0].sparse.length_per_key()
+    lengths = batches[0].sparse_features.length_per_key()
     assert lengths[:3] == [500, 500, 500] and lengths[3] != 500
-    per_key = batches[0].sparse.to_dict()
+    per_key = batches[0].sparse_features.to_dict()
     assert (per_key["cat_3"].lengths() == 0).any() and per_key["cat_3"].lengths().max() <= 6
 
 
@@ -264,7 +265,7 @@ def test_datamodule_streams_lists_as_bags(multi_hot_dataset: Path) -> None:
 def test_every_method_trains_dlrm_on_a_loader_batch_with_lists(name: str, multi_hot_dataset: Path) -> None:
     schema = CTRSchema.load(multi_hot_dataset)
     batch = next(iter(ParquetBatches(schema.split_path(multi_hot_dataset, "train"), schema, 256)))
-    assert (batch.sparse.to_dict()["cat_3"].lengths() == 0).any()  # empty bags are in the batch
+    assert (batch.sparse_features.to_dict()["cat_3"].lengths() == 0).any()  # empty bags are in the batch
     tables = tables_for(schema.cardinalities, 8)
     options = {"id_counts": load_id_counts(multi_hot_dataset)} if method_class(name).needs_id_counts else {}
     torch.manual_seed(0)
@@ -273,7 +274,9 @@ def test_every_method_trains_dlrm_on_a_loader_batch_with_lists(name: str, multi_
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
 
     def loss() -> torch.Tensor:
-        return torch.nn.functional.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels)
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            model(batch.dense_features, batch.sparse_features), batch.labels
+        )
 
     first = loss().item()
     for _ in range(40):

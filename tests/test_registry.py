@@ -127,6 +127,7 @@ def with_default(cls: type[EmbeddingMethod], option: str, value: object) -> type
         ("multi_hash", "num_hashes", 8),  # seeds: 8 bytes per hash and table
         ("adapt", "hot_share", 0.2),
         ("unified", "chunk_dim", 4),
+        ("tt_rec", "full_tables", []),  # every table TT: more tables share the bytes, a smaller rank
     ],
 )
 def test_budget_solvers_read_defaults_from_the_constructor(name: str, option: str, value: object) -> None:

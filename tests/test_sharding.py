@@ -24,6 +24,7 @@ from recsys_embed.data import CTRDataModule
 from recsys_embed.methods import SparseOptimizer, available_methods, build_embedding
 from recsys_embed.methods.fused import fuse_tables
 from recsys_embed.training import CTRTask, TorchRecStrategy, shard_model
+from recsys_embed.training.distributed_checkpoint import consolidate_checkpoint, consolidated_checkpoint
 from recsys_embed.training.sharding import _in_key_order, allowed_sharding_types
 from tests.conftest import make_tables
 from tests.sharded_worker import METHODS, MIXED_SHARDING, MIXED_STEPS
@@ -41,8 +42,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, *args: str, timeout: int = TIMEOUT_S) -> list[subprocess.CompletedProcess[str]]:
-    """Run the worker on ``world`` processes (torchrun's environment) and wait for all of them."""
+def launch(
+    world: int, *args: str, timeout: int = TIMEOUT_S, worker: Path = WORKER
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``worker`` on ``world`` processes (torchrun's environment) and wait for all of them."""
     port = str(free_port())
     procs = []
     for rank in range(world):
@@ -59,7 +62,7 @@ def launch(world: int, *args: str, timeout: int = TIMEOUT_S) -> list[subprocess.
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), *args],
+                [sys.executable, str(worker), *args],
                 env=env,
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
@@ -99,8 +102,12 @@ def test_two_ranks_give_the_losses_of_one_on_the_same_global_batches(runs: dict[
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_a_checkpoint_saved_on_two_ranks_loads_on_one(runs: dict[int, Path], method: str, tiny_dataset: Path) -> None:
-    task = CTRTask.load_from_checkpoint(runs[2] / f"{method}.ckpt", map_location="cpu")  # plain, unfused tables
+def test_a_checkpoint_saved_on_two_ranks_loads_on_one(
+    runs: dict[int, Path], method: str, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    assert (runs[2] / f"{method}.ckpt.shards" / ".metadata").is_file()  # each rank wrote its own shards
+    consolidate_checkpoint(runs[2] / f"{method}.ckpt", tmp_path / "one.ckpt")
+    task = CTRTask.load_from_checkpoint(tmp_path / "one.ckpt", map_location="cpu")  # plain, unfused tables
     batch = next(iter(CTRDataModule(data_dir=str(tiny_dataset), eval_batch_size=500).val_dataloader()))
     with torch.no_grad():
         torch.testing.assert_close(task(batch), torch.load(runs[2] / f"{method}.preds.pt"))
@@ -116,7 +123,7 @@ def test_a_checkpoint_saved_on_one_rank_loads_on_two(runs: dict[int, Path], meth
 @pytest.mark.parametrize("method", list(METHODS))
 def test_fused_optimizer_state_moves_between_one_and_two_ranks(runs: dict[int, Path], method: str) -> None:
     def state(path: Path) -> dict[str, torch.Tensor]:
-        saved = torch.load(path, weights_only=False)["fused_optimizer_state"]
+        saved = consolidated_checkpoint(path)["fused_optimizer_state"]  # a 2-rank one's from its shards folder
         return {f"{module}/{key}": value for module, states in saved.items() for key, value in states.items()}
 
     one, two = state(runs[1] / f"{method}.ckpt"), state(runs[2] / f"{method}.ckpt")
@@ -163,7 +170,8 @@ def test_cli_fit_on_two_processes_prints_the_plan_and_tests_the_checkpoint(tmp_p
     assert "Sharding plan (4 tables on 2 ranks)" in result.stderr
     assert "table_wise -> rank" in result.stderr and "memory per rank" in result.stderr
     assert "test/auc" in result.stdout
-    assert list(tmp_path.glob("runs/synthetic_dlrm/**/checkpoints/last.ckpt"))
+    (last,) = tmp_path.glob("runs/synthetic_dlrm/**/checkpoints/last.ckpt")
+    assert (last.parent / "last.ckpt.shards" / ".metadata").is_file()  # test_after_fit loaded it on 2 ranks
 
 
 def test_mixed_storage_shards_pooled_and_unpooled_tables_with_the_unsharded_outputs(runs: dict[int, Path]) -> None:
@@ -251,6 +259,8 @@ def test_unknown_sharding_types_are_a_clear_error() -> None:
         allowed_sharding_types("cpu", ["data_parallel"], pooled=None)
     with pytest.raises(ValueError, match="memory_cap_bytes must be positive"):
         TorchRecStrategy(memory_cap_bytes=0)
+    with pytest.raises(ValueError, match="checkpoint_format must be 'sharded' or 'consolidated' \\(got 'dcp'\\)"):
+        TorchRecStrategy(checkpoint_format="dcp")  # type: ignore[arg-type]
 
 
 def test_sharding_without_a_process_group_is_a_clear_error() -> None:

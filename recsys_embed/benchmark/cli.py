@@ -22,7 +22,7 @@ from recsys_embed.benchmark.report import build_report
 from recsys_embed.benchmark.runner import describe_counts, run_sweep
 from recsys_embed.benchmark.spec import expand_grid, load_spec, parse_shard, shard
 from recsys_embed.benchmark.store import load_results
-from recsys_embed.console import UsageErrorParser
+from recsys_embed.console import UsageErrorParser, package_logger
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,7 @@ def console_logging(verbose: bool) -> Iterator[None]:
     ]
     saved = {name: logging.getLogger(name).level for name in quiet}
     saved_state = (package_log.level, package_log.propagate, list(package_log.handlers))
-    if not package_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        package_log.addHandler(handler)
-    package_log.setLevel(logging.INFO)
-    package_log.propagate = False
+    package_logger()
     with warnings.catch_warnings():
         if not verbose:
             for name in quiet:

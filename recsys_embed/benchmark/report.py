@@ -1,35 +1,35 @@
 """The sweep report, built only from the results store: markdown tables, a Pareto plot per dataset x model.
 
-For every dataset x model of the store, ``report.md`` holds:
+For every dataset x model of the store and every setting group under it (rows that differ only in method, budget
+and seed, :func:`~recsys_embed.benchmark.sections.setting_groups`: an edited spec or a second ``data_dir`` under
+one name gives a second, labelled section), ``report.md`` states the data, model, training and the seeds pooled,
+and holds:
 
 * test AUC and test log loss, method x budget, ``mean ± std`` over seeds (sample std), the best mean of each budget
   in bold; cells a method cannot reach read ``infeasible``, errors ``failed``;
 * the compression ratio each method really reached and its memory;
 * train-step and inference time relative to ``full`` (medians over steps and seeds);
-* a Pareto plot (``pareto_<dataset>_<model>.png``): test AUC against memory (log x), one line per method, ``full``
-  as the reference point, the Pareto frontier in grey;
+* a Pareto plot (``pareto_<dataset>_<model>[_<group>].png``): test AUC against memory (log x), one line per
+  method, ``full`` as the reference point, the Pareto frontier in grey;
 * the reasons of infeasible and failed cells.
 
-Its header states the data sizes, steps, batch sizes, seeds, versions and machine, all read from the rows.
+Its header states the seeds, budgets, versions and machine, all read from the rows.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from collections.abc import Iterable
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from recsys_embed.benchmark.store import load_results, write_merged
+from recsys_embed.benchmark.sections import header, section_facts, setting_groups, values_of
+from recsys_embed.benchmark.store import CELLS_DIR, MERGED_FILE, load_results, write_merged
 from recsys_embed.methods import available_methods, method_class
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,9 @@ def speed_tables(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     if relative:
         caption = (
             f"train step / inference batch time relative to `full` (`full`: {ref_train:.1f} ms per train step of "
-            f"{_one(frame, 'batch_size')} rows, {ref_infer:.1f} ms per test batch of {_one(frame, 'eval_batch_size')} "
-            "rows; medians over steps and seeds; a train step is forward + backward + fused row update + dense step)"
+            f"{values_of(frame, 'batch_size')} rows, {ref_infer:.1f} ms per test batch of "
+            f"{values_of(frame, 'eval_batch_size')} rows; medians over steps and seeds; a train step is forward + "
+            "backward + fused row update + dense step)"
         )
     else:
         caption = "train step / inference batch time in ms (no `full` cell to compare with)"
@@ -169,33 +170,6 @@ def _bytes(value: float) -> str:
         if value >= scale:
             return f"{value / scale:.1f} {unit}"
     return f"{value:.0f} B"
-
-
-def _one(frame: pd.DataFrame, column: str) -> str:
-    """The values a column takes, joined (one value in a sweep that kept it fixed)."""
-    values = frame[column].dropna().unique().tolist()
-    values = sorted(values, key=lambda v: (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v)))
-    return ", ".join(_fmt(v) for v in values) if values else "—"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return f"{int(value):,}"
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}"
-    return str(value)
-
-
-def _json_values(frame: pd.DataFrame, column: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for text in frame[column].dropna().unique():
-        try:
-            value = json.loads(text)
-        except (TypeError, ValueError):
-            continue
-        if value not in out:
-            out.append(value)
-    return out
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -239,58 +213,6 @@ def pareto_plot(frame: pd.DataFrame, path: Path, title: str) -> Path:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
-
-
-def _header(frame: pd.DataFrame, output: Path) -> list[str]:
-    status = frame["status"].value_counts()
-    lines = [
-        "# Embedding compression benchmark",
-        "",
-        f"Built {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from {len(frame)} result rows under `{output}` "
-        f"({', '.join(f'{status.get(s, 0)} {s}' for s in ('ok', 'infeasible', 'failed'))}); every number below is "
-        "read from those rows. Rebuild with `recsys-embed bench report --output " + str(output) + "`.",
-        "",
-        f"- sweep: {_one(frame, 'sweep')}",
-    ]
-    for name, group in frame.groupby("dataset", sort=False):
-        settings = _json_values(group, "settings")
-        source = settings[0].get("dataset", {}) if settings else {}
-        if "synthetic" in source:
-            cfg = source["synthetic"]
-            origin = (
-                f"synthetic (seed {cfg.get('seed')}, cardinalities {cfg.get('min_cardinality'):,}.."
-                f"{cfg.get('max_cardinality'):,}, Zipf {cfg.get('zipf_exponent')})"
-            )
-        else:
-            origin = f"`{source.get('data_dir', '?')}`"
-        lines.append(
-            f"- dataset `{name}`: {origin}; rows train {_one(group, 'train_rows')}, val {_one(group, 'val_rows')}, "
-            f"test {_one(group, 'test_rows')}; {_one(group, 'num_sparse')} categorical + {_one(group, 'num_dense')} "
-            "dense features"
-        )
-    for name, group in frame.groupby("model", sort=False):
-        options = {
-            json.dumps(s.get("model", {}).get("options", {}), sort_keys=True) for s in _json_values(group, "settings")
-        }
-        lines.append(f"- model `{name}`: options {', '.join(sorted(options)) or '{}'}")
-    training = [s["training"] for s in _json_values(frame, "settings") if "training" in s]
-    first = training[0] if training else {}
-    ok = frame[frame["status"] == "ok"]
-    lines += [
-        f"- training: embedding dim {_one(frame, 'embedding_dim')}, batch {_one(frame, 'batch_size')} "
-        f"(eval {_one(frame, 'eval_batch_size')}), max_epochs {_one(frame, 'max_epochs')}, max_steps "
-        f"{_one(frame, 'max_steps')}, limit_train_batches {first.get('limit_train_batches', '?')}; train steps run "
-        f"per cell: {_one(ok, 'steps')}; sparse optimizer {first.get('sparse_optimizer')}; dense optimizer "
-        f"{first.get('optimizer')}",
-        f"- seeds: {_one(frame, 'seed')} (tables: mean ± sample std over seeds)",
-        f"- budgets asked (compression ratio vs full fp32 tables): {_one(frame, 'budget_ratio')}",
-        f"- machine: {_one(frame, 'host')}, device {_one(ok, 'device')}, {_one(frame, 'threads')} torch threads; "
-        f"cell wall time total {frame['wall_s'].fillna(0).sum() / 60:.1f} min",
-    ]
-    versions = _json_values(frame, "versions")
-    for v in versions:
-        lines.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
-    return lines
 
 
 def _best_per_budget(frame: pd.DataFrame) -> str:
@@ -366,13 +288,25 @@ def build_report(output: str | Path, frame: pd.DataFrame | None = None) -> Path:
     if frame is None:
         frame = load_results(output)
     if frame.empty:
-        raise ValueError(f"No results under {str(output)!r}: run `recsys-embed bench --output {output}` first.")
+        hint = f" ({MERGED_FILE} is the report's output, not read back: copy the {CELLS_DIR}/ folders too)"
+        merged_only = (output / MERGED_FILE).is_file()
+        raise ValueError(
+            f"No results under {str(output)!r}{hint if merged_only else ''}: run `recsys-embed bench --output "
+            f"{output}` first."
+        )
     output.mkdir(parents=True, exist_ok=True)
     write_merged(frame, output)  # every row; the report's tables use the current versions' rows
     frame = current_version_rows(frame)
-    lines = _header(frame, output)
-    for (dataset, model), group in frame.groupby(["dataset", "model"], sort=False):
-        lines += ["", f"## {dataset} / {model}", "", _best_per_budget(group)]
+    lines = header(frame, output)
+    sections = [
+        (dataset, model, label, group, f"{_slug(dataset)}_{_slug(model)}" + (f"_{i + 1}" if len(groups) > 1 else ""))
+        for (dataset, model), named in frame.groupby(["dataset", "model"], sort=False)
+        for groups in [setting_groups(named)]
+        for i, (label, group) in enumerate(groups)
+    ]
+    for dataset, model, label, group, slug in sections:
+        title = f"{dataset} / {model}" + (f" ({label})" if label else "")
+        lines += ["", f"## {title}", "", *section_facts(group), "", _best_per_budget(group)]
         for metric, title, higher in METRICS:
             better = "higher" if higher else "lower"
             lines += ["", f"### {title} ({better} is better; best per budget in bold)", ""]
@@ -381,7 +315,7 @@ def build_report(output: str | Path, frame: pd.DataFrame | None = None) -> Path:
         speed, caption = speed_tables(group)
         lines += ["", "### Speed", "", caption + ":", "", to_markdown(speed)]
         if (group["status"] == "ok").any():
-            png = f"pareto_{_slug(dataset)}_{_slug(model)}.png"
+            png = f"pareto_{slug}.png"
             seeds = group["seed"].nunique()
             pareto_plot(group, output / png, f"{dataset} / {model}: test AUC vs memory ({seeds} seed(s))")
             lines += ["", "### Pareto plot", "", f"![test AUC vs memory]({png})"]

@@ -5,15 +5,15 @@ A cell first checks that its method can be built at its budget (on the ``meta`` 
 message. Then it trains every stage of the method (one ``trainer.fit`` per stage, in memory, see
 :func:`recsys_embed.training.stages.run_stages`) and tests (``trainer.test``) as ``recsys-embed fit
 --test_after_fit true`` does, timing every train step, stage and test batch. Any other error is recorded as ``failed``
-with its message, and the sweep goes on. Cells run one after another in one process: two training processes on a
-small machine make fbgemm's OpenMP kernels crawl.
+with its message, and the sweep goes on. A re-run skips ``ok`` cells, and ``infeasible`` ones while the method's
+:func:`~recsys_embed.benchmark.identity.solver_version` is the one that judged them. Cells run one after another
+in one process: two training processes on a small machine make fbgemm's OpenMP kernels crawl.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
-import importlib
 import importlib.metadata
 import json
 import logging
@@ -29,17 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from tqdm.auto import tqdm
 
 import recsys_embed
+from recsys_embed.benchmark.identity import import_class, plain, solver_version
 from recsys_embed.benchmark.spec import Cell
 from recsys_embed.benchmark.store import DONE_STATUSES, ResultStore
 from recsys_embed.data import CTRDataModule, synthetic_dataset
 from recsys_embed.methods import Budget, SparseOptimizer, build_embedding, method_class, method_options
-from recsys_embed.methods.base import Stage
+from recsys_embed.methods.base import EmbeddingMethod, Stage, full_bytes
 from recsys_embed.training import CTRTask, EmbeddingSpec, tables_for
 from recsys_embed.training.stages import run_stages
 
@@ -90,31 +92,10 @@ def dataset_dir(cell: Cell) -> Path:
     return _DATA_DIRS[key]
 
 
-def _import(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"Expected a dotted class path such as torch.optim.Adam (got {path!r}).")
-    return getattr(importlib.import_module(module), name)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-        return list(value)
-    return None
-
-
-def resolved_options(embedding: torch.nn.Module, name: str) -> dict[str, Any]:
-    """The method's knobs as built (e.g. the ``rows`` its budget solver chose): option-named scalar attributes."""
-    out = {}
-    for option in method_options(name):
-        if option in ("id_counts", "device", "validate_ids"):
-            continue
-        value = _jsonable(getattr(embedding, option, None))
-        if value is not None:
-            out[option] = value
-    return out
+def resolved_config(embedding: EmbeddingMethod) -> str:
+    """The method's resolved knobs as built, as JSON: its :meth:`~EmbeddingMethod.config` (defaults filled in,
+    budget solved: e.g. ``hash``'s rows and seed, ``qr``'s per-table bases)."""
+    return json.dumps(plain(embedding.config()), sort_keys=True)
 
 
 def base_row(cell: Cell) -> dict[str, Any]:
@@ -218,7 +199,8 @@ def run_cell(cell: Cell, output: Path) -> dict[str, Any]:
         reason = feasibility(cell, tables, options)
         if reason is not None:
             log.info("Infeasible: %s: %s", cell.describe(), reason)
-            row.update(status="infeasible", reason=reason)
+            row.update(status="infeasible", reason=reason, solver=solver_version(cell.method.name))
+            row.update(full_bytes=full_bytes(tables))
         else:
             row.update(_train_and_test(cell, data, output))
             row["status"] = "ok"
@@ -244,7 +226,7 @@ def _train_and_test(cell: Cell, data: CTRDataModule, output: Path) -> dict[str, 
         ),
         model=functools.partial(cell.model.model_class(), **cell.model.options),
         sparse_optimizer=SparseOptimizer(**training.sparse_optimizer),
-        optimizer=functools.partial(_import(optimizer["class_path"]), **optimizer.get("init_args", {})),
+        optimizer=functools.partial(import_class(optimizer["class_path"]), **optimizer.get("init_args", {})),
         id_counts_dir=str(data.data_dir),
     )
     timer = StepTimer()
@@ -282,7 +264,7 @@ def _train_and_test(cell: Cell, data: CTRDataModule, output: Path) -> dict[str, 
     metrics = tested[0] if tested else {}
     embedding = task.embedding
     return {
-        "resolved": json.dumps(resolved_options(embedding, cell.method.name), sort_keys=True),
+        "resolved": resolved_config(embedding),
         "ratio": float(embedding.compression_ratio()),
         "memory_bytes": int(embedding.memory_bytes()),
         "training_bytes": int(embedding.training_bytes()),
@@ -311,12 +293,13 @@ def run_sweep(
 ) -> Counter[str]:
     """Run the cells not yet finished under ``output`` (one after another), writing each row as it ends.
 
-    Cells already ``ok`` or ``infeasible`` in any store under ``output`` are skipped; ``failed`` ones are retried.
-    Returns how many cells ended in each status (``skipped`` for those already done).
+    Cells with an ``ok`` cell file under ``output`` are skipped, and ``infeasible`` ones judged by the method's
+    current solver version; ``failed`` ones are retried. Returns how many cells ended in each status (``skipped``
+    for those already done).
     """
     output = Path(output)
     store = ResultStore(output)
-    done = store.done_ids()
+    done = done_ids(cells, store.load())
     todo = [c for c in cells if c.cell_id not in done]
     counts: Counter[str] = Counter(skipped=len(cells) - len(todo))
     log.info("%d cells: %d already finished under %s, %d to run", len(cells), counts["skipped"], output, len(todo))
@@ -339,6 +322,20 @@ def run_sweep(
     return counts
 
 
+def done_ids(cells: Sequence[Cell], frame: pd.DataFrame) -> set[str]:
+    """The cells a re-run skips: ``ok``, or ``infeasible`` under the method's current solver version."""
+    rows = frame.set_index("cell_id")
+    status, solver = rows["status"].to_dict(), rows["solver"].to_dict()
+    done = set()
+    for cell in cells:
+        cell_id = cell.cell_id
+        if status.get(cell_id) == "ok":
+            done.add(cell_id)
+        elif status.get(cell_id) == "infeasible" and solver.get(cell_id) == solver_version(cell.method.name):
+            done.add(cell_id)
+    return done
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else "?"
 
@@ -353,8 +350,9 @@ __all__ = [
     "base_row",
     "dataset_dir",
     "describe_counts",
+    "done_ids",
     "feasibility",
-    "resolved_options",
+    "resolved_config",
     "run_cell",
     "run_sweep",
     "stack_versions",

@@ -20,26 +20,28 @@ A spec names what to compare and how to train each cell; every cell is one ``CTR
       seeds: [0]
 
 Unknown keys, methods, models, options and training settings are ``ValueError``s that list the valid names.
-A cell's id is a hash of its resolved settings, so a changed setting makes a new cell (never a stale reuse),
-and ``--shard i/N`` takes the cells whose index in the id-sorted grid is ``i`` modulo ``N``.
+A cell's id hashes everything that changes its result (:mod:`recsys_embed.benchmark.identity`: settings with
+defaults filled in, the data's fingerprint, the method's class version, the package version), so a changed setting
+makes a new cell (never a stale reuse). A ``data_dir`` that is not a prepared dataset fails when the spec is read,
+before any cell runs. ``--shard i/N`` takes the cells whose index in the id-sorted grid is ``i`` modulo ``N``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import inspect
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+import recsys_embed
 from recsys_embed import models as model_zoo
+from recsys_embed.benchmark import identity
 from recsys_embed.data.synthetic import SyntheticConfig
 from recsys_embed.methods import SparseOptimizer, available_methods, method_class, method_options
 
@@ -144,16 +146,18 @@ class ModelEntry:
 
 def available_models() -> list[str]:
     """CTR model classes a spec may name (they take ``(embedding, num_dense, *, options)``)."""
-    return sorted(n for n in model_zoo.__all__ if n not in ("CrossNet", "CrossNetV2"))
+    return sorted(model_zoo.__all__)
 
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """A CTR dataset: a prepared folder (``data_dir``) or the embedded synthetic data of a given size."""
+    """A CTR dataset: a prepared folder (``data_dir``, with its :func:`~identity.data_fingerprint`) or the
+    embedded synthetic data of a given size."""
 
     name: str
     data_dir: str | None = None
     synthetic: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
 
     @classmethod
     def parse(cls, raw: Any) -> DatasetEntry:
@@ -171,16 +175,18 @@ class DatasetEntry:
             f"synthetic of dataset {raw['name']!r}", synthetic, [f.name for f in dataclasses.fields(SyntheticConfig)]
         )
         SyntheticConfig(**synthetic)  # validates the sizes now, not in the middle of a sweep
-        data_dir = str(raw["data_dir"]) if raw.get("data_dir") else None
-        return cls(name=str(raw["name"]), data_dir=data_dir, synthetic=synthetic)
+        name, data_dir = str(raw["name"]), str(raw["data_dir"]) if raw.get("data_dir") else None
+        fingerprint = identity.data_fingerprint(data_dir, name) if data_dir else ""  # missing data: error now
+        return cls(name=name, data_dir=data_dir, synthetic=synthetic, fingerprint=fingerprint)
 
     def synthetic_config(self) -> SyntheticConfig:
         return SyntheticConfig(**self.synthetic)
 
     def resolved(self) -> dict[str, Any]:
-        """What identifies the data: the folder, or the full synthetic config (defaults included)."""
+        """What identifies the data: the folder and its fingerprint, or the full synthetic config (defaults
+        included)."""
         if self.data_dir:
-            return {"data_dir": self.data_dir}
+            return {"data_dir": self.data_dir, "fingerprint": self.fingerprint}
         return {"synthetic": dataclasses.asdict(self.synthetic_config())}
 
 
@@ -191,8 +197,12 @@ class TrainingSettings:
     ``max_steps=-1`` trains ``max_epochs`` epochs; ``limit_{train,val,test}_batches`` follow Lightning (an int is
     batches, a float a fraction; prefer ``limit_train_batches`` to ``max_steps`` for short runs, since validation
     runs at the end of each epoch). ``csv_logs`` writes each cell's Lightning CSV log under ``OUTPUT/runs/``.
-    ``optimizer`` is the dense optimizer (``class_path`` + ``init_args``).
+    ``optimizer`` is the dense optimizer (``class_path`` + ``init_args``). Every setting but
+    :attr:`LOG_ONLY` ones is part of a cell's id.
     """
+
+    #: settings that change what is logged, not the result (left out of cell ids)
+    LOG_ONLY: ClassVar[tuple[str, ...]] = ("csv_logs", "log_every_n_steps")
 
     embedding_dim: int = 16
     batch_size: int = 4096
@@ -224,6 +234,7 @@ class TrainingSettings:
         _check_keys("training.optimizer", optimizer, ["class_path", "init_args"])
         if "class_path" not in optimizer:
             raise ValueError("Sweep spec: training.optimizer needs a class_path (e.g. torch.optim.Adam).")
+        identity.optimizer_settings(optimizer)  # a class path that does not import: ValueError now
         return settings
 
 
@@ -320,29 +331,28 @@ class Cell:
     training: TrainingSettings
 
     def settings(self) -> dict[str, Any]:
-        """The resolved settings (JSON-able) that identify the run.
+        """The cell's identity (JSON-able): everything that changes its result, defaults filled in.
 
-        The method's class version is part of them from version 2 on (results of version 1, written before
-        versions were recorded, keep their ids); bumping a method's version gives its cells new ids, so a sweep
-        reruns them, and the report leaves out rows of other versions (:func:`current_version_rows`).
+        Two cells whose settings differ only in ``seed`` are seeds of one setting, the only rows a report pools.
         """
-        method: dict[str, Any] = {"name": self.method.name, "label": self.method.label, "options": self.method.options}
-        version = method_class(self.method.name).version
-        if version != 1:
-            method["version"] = version
+        model, method = self.model, self.method
+        model_options = identity.model_options(model.model_class(), model.options)
+        method_options = identity.method_options(method.name, method.options, RESERVED_OPTIONS)
         return {
+            "format": identity.IDENTITY_FORMAT,
+            "recsys_embed": recsys_embed.__version__,
             "dataset": {"name": self.dataset.name, **self.dataset.resolved()},
-            "model": {"name": self.model.name, "label": self.model.label, "options": self.model.options},
-            "method": method,
+            "model": {"name": model.name, "label": model.label, "options": model_options},
+            "method": {"name": method.name, "label": method.label, "version": method_class(method.name).version}
+            | {"options": method_options},
             "budget_ratio": self.budget,
             "seed": self.seed,
-            "training": dataclasses.asdict(self.training),
+            "training": identity.training_settings(self.training, TrainingSettings.LOG_ONLY),
         }
 
     @property
     def cell_id(self) -> str:
-        blob = json.dumps(self.settings(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return identity.stable_hash(self.settings())
 
     def describe(self) -> str:
         return f"{self.method.label} @ {self.budget:g}x | {self.model.label} | {self.dataset.name} | seed {self.seed}"

@@ -4,13 +4,14 @@ Layout of an output folder::
 
     OUTPUT/cells/<cell_id>.parquet   one file per finished cell (status ok, infeasible or failed)
     OUTPUT/runs/<cell_id>/           the cell's CSV training log
-    OUTPUT/results.parquet           every row merged (rebuilt by the report)
+    OUTPUT/results.parquet           every row merged (written by the report, never read back)
 
-A row is written to a temporary name and moved into place with ``os.replace``, which is atomic: a process killed at
-any moment (SIGKILL included) leaves either no file or a whole one, never a torn or duplicated row, and a re-run
-skips the cells that have one. Shards of an array job write their own folders (or one shared folder); the loader
-merges every store under a folder and keeps one row per cell (``ok`` over ``infeasible`` over ``failed``, then the
-newest).
+The cell files are the results: a cell whose file is deleted is not done (a re-run runs it again), whatever
+``results.parquet`` says. A row is written to a temporary name and moved into place with ``os.replace``, which is
+atomic: a process killed at any moment (SIGKILL included) leaves either no file or a whole one, never a torn or
+duplicated row, and a re-run skips the cells that have one. Shards of an array job write their own folders (or one
+shared folder); the loader merges every ``cells/`` folder under a folder and keeps one row per cell (``ok`` over
+``infeasible`` over ``failed``, then the newest).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ STATUSES = ("ok", "infeasible", "failed")
 DONE_STATUSES = frozenset({"ok", "infeasible"})
 
 _S, _F, _I = pa.string(), pa.float64(), pa.int64()
-#: one row per cell; JSON columns hold dicts (options, resolved knobs, stage times, versions, settings)
+#: one row per cell; JSON columns hold dicts (options, resolved knobs, stage times, versions, settings);
+#: ``solver``: the solver version an infeasible row holds for (:func:`~recsys_embed.benchmark.identity.solver_version`)
 SCHEMA = pa.schema(
     [
         ("cell_id", _S),
@@ -52,6 +54,7 @@ SCHEMA = pa.schema(
         ("method_version", _I),
         ("options", _S),
         ("resolved", _S),
+        ("solver", _S),
         ("budget_ratio", _F),
         ("ratio", _F),
         ("memory_bytes", _I),
@@ -112,13 +115,13 @@ def _as_table(rows: list[Mapping[str, Any]]) -> pa.Table:
 
 
 class ResultStore:
-    """The store of one output folder: write a cell's row, ask which cells are done.
+    """The store of one output folder: write a cell's row, read every row under the folder.
 
     Example::
 
         store = ResultStore("runs/bench/default")
         store.write({"cell_id": "ab12...", "status": "ok", "test_auc": 0.80, ...})
-        store.done_ids()  # {"ab12..."}
+        store.load()  # one row per cell file under the folder
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -138,20 +141,16 @@ class ResultStore:
         """Every row under this folder (all stores merged, one per cell)."""
         return load_results(self.root)
 
-    def done_ids(self) -> set[str]:
-        """Cells finished as ``ok`` or ``infeasible`` anywhere under the folder (a re-run skips them)."""
-        frame = self.load()
-        return set(frame.loc[frame["status"].isin(DONE_STATUSES), "cell_id"])
-
 
 def _store_files(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.rglob("*.parquet") if p.is_file() and not p.name.startswith("."))
+    files = root.rglob(f"{CELLS_DIR}/*.parquet")
+    return sorted(p for p in files if p.is_file() and not p.name.startswith("."))
 
 
 def load_results(*roots: str | Path) -> pd.DataFrame:
-    """Merge every results file under ``roots`` (cell files and merged ``results.parquet`` of any shard).
+    """Merge every cell file under ``roots`` (``cells/*.parquet`` of any shard; ``results.parquet`` is not read).
 
     Keeps one row per ``cell_id``: ``ok`` before ``infeasible`` before ``failed``, then the newest.
     """

@@ -1,5 +1,9 @@
 """Parquet -> (dense, ``KeyedJaggedTensor``, labels) batches with vectorized array code (no per-row Python).
 
+A batch is TorchRec's ``torchrec.datasets.utils.Batch`` (``dense_features`` ``(B, D)`` float32,
+``sparse_features`` KJT, ``labels`` ``(B,)`` float32): it fits ours field for field, and its ``to`` /
+``pin_memory`` / ``record_stream`` are what TorchRec's GPU train pipelines need. Its size is ``len(batch.labels)``.
+
 A batch's KJT is laid out feature-major, TorchRec's layout: ``values = [cat_0 rows..., cat_1 rows..., ...]``.
 A scalar categorical column gives every row a bag of one id (lengths all 1: the fast path, the columns are just
 stacked); a list column (``list<int64>``) gives each row its list as a bag, so its lengths are the list lengths
@@ -19,27 +23,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchrec import KeyedJaggedTensor
+from torchrec.datasets.utils import Batch
 
 from recsys_embed.data.schema import CTRSchema, list_parts, sparse_kinds
-
-
-@dataclass
-class Batch:
-    """One CTR batch: dense ``(B, D)`` float32, sparse KJT (one bag per feature and row), labels ``(B,)``."""
-
-    dense: torch.Tensor
-    sparse: KeyedJaggedTensor
-    labels: torch.Tensor
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(
-            self.dense.to(device, non_blocking=non_blocking),
-            self.sparse.to(torch.device(device), non_blocking=non_blocking),
-            self.labels.to(device, non_blocking=non_blocking),
-        )
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 @dataclass
@@ -180,7 +166,8 @@ def batch_from_block(block: ColumnBlock, keys: list[str], list_columns: Sequence
         values = np.concatenate(value_parts)
         lengths = torch.from_numpy(np.concatenate(length_parts))
     sparse = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(values), lengths=lengths, stride=rows)
-    return Batch(torch.from_numpy(np.ascontiguousarray(block.dense)), sparse, torch.from_numpy(block.labels))
+    dense = torch.from_numpy(np.ascontiguousarray(block.dense))
+    return Batch(dense_features=dense, sparse_features=sparse, labels=torch.from_numpy(block.labels))
 
 
 class ParquetBatches(IterableDataset):

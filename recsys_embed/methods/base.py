@@ -17,7 +17,8 @@ The interface, second version (every part optional, with a default):
 - **served form**: :meth:`to_serving` returns a module with the same outputs whose parameters and buffers are
   exactly :meth:`memory_bytes`; the trained form may be larger (:meth:`training_bytes`);
 - **stages**: :meth:`stages` (default one, ``"train"``), with per-stage :meth:`regularizer`,
-  :meth:`on_train_step`, :meth:`stage_parameter_groups` and :meth:`next_stage` (the next stage's form);
+  :meth:`on_train_step`, :meth:`stage_parameter_groups`, :meth:`finish_stage` (e.g. a search scored on validation
+  data) and :meth:`next_stage` (the next stage's form);
 - **per-id rows**: :meth:`embeddings` and :meth:`all_embeddings`, batched, with gradients;
 - **self-described**: :meth:`config` (the resolved knobs: a rebuild never re-solves a budget),
   :meth:`from_config`, a class ``version``; :func:`recsys_embed.methods.saving.save_method` saves a method alone.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -308,6 +309,12 @@ class EmbeddingMethod(nn.Module):
     def stage_parameter_groups(self) -> list[ParameterGroup]:
         """Parameters the current stage trains with their own optimizer (excluded from the dense optimizer)."""
         return []
+
+    def finish_stage(self, evaluate: Callable[[int | None], float]) -> None:
+        """Called once at the end of each stage, after its training (a stage with ``max_epochs=0`` trains nothing and
+        does only this: a search, a calibration). ``evaluate(max_batches)`` returns the validation AUC of the whole
+        model with the method as it is at the call (over the first ``max_batches`` validation batches, or all);
+        whatever the method changes in its parameters or buffers is saved in the stage's final checkpoint."""
 
     def next_stage(self) -> EmbeddingMethod:
         """The next stage's form, built from this trained one (a new module, or ``self`` changed in place)."""

@@ -4,10 +4,9 @@ Every model is ``Model(embedding, num_dense, *, options...)`` with ``forward(den
 logits (B,)``, so ``CTRTask`` (and the CLI's ``model.model.class_path``) can pick any of them.
 """
 
-from recsys_embed.models.cross import CrossNet, CrossNetV2
 from recsys_embed.models.dcn import DCN, DCNv2
 from recsys_embed.models.deepfm import DeepFM
 from recsys_embed.models.dlrm import DLRM
 from recsys_embed.models.wide_deep import WideDeep
 
-__all__ = ["CrossNet", "CrossNetV2", "DCN", "DCNv2", "DLRM", "DeepFM", "WideDeep"]
+__all__ = ["DCN", "DCNv2", "DLRM", "DeepFM", "WideDeep"]

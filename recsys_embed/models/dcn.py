@@ -3,7 +3,8 @@
 
 Both build ``x0 = [e_1, ..., e_F, x_dense]`` of width ``d = sum_f d_f + num_dense`` (mixed embedding dims are
 fine: the fields are concatenated), run a cross network (:mod:`recsys_embed.models.cross`) and a deep MLP, and map
-the result to one logit.
+the result to one logit. The cross networks are TorchRec's (``VectorCrossNet``, ``CrossNet``, ``LowRankCrossNet``);
+the deep MLP is :func:`~recsys_embed.models.layers.mlp` (TorchRec's ``MLP`` has no batch norm or dropout).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from recsys_embed.models.cross import CrossNet, CrossNetV2
+from recsys_embed.models.cross import dcn_cross, dcnv2_cross
 from recsys_embed.models.layers import EmbeddingFields, flat_embeddings, mlp, mlp_out_features, with_dense
 
 Structure = Literal["stacked", "parallel"]
@@ -66,9 +67,9 @@ class _CrossAndDeep(nn.Module):
 class DCN(_CrossAndDeep):
     """Deep & Cross Network: a rank-one cross network and an MLP side by side, concatenated into one logit.
 
-    Idea: the cross network ``x_{l+1} = x0 * (x_l . w_l) + b_l + x_l`` (:class:`~recsys_embed.models.cross.CrossNet`)
-    learns bounded-degree feature crosses with ``2 d`` parameters per layer; the MLP learns implicit ones;
-    ``logit = Linear([x_L, MLP(x0)])``.
+    Idea: the cross network ``x_{l+1} = x0 * (x_l . w_l) + b_l + x_l`` (TorchRec's ``VectorCrossNet``, see
+    :func:`~recsys_embed.models.cross.dcn_cross`) learns bounded-degree feature crosses with ``2 d`` parameters per
+    layer; the MLP learns implicit ones; ``logit = Linear([x_L, MLP(x0)])``.
 
     Input ``x0 = [e_1, ..., e_F, x_dense]``: raw dense features are concatenated (as in the paper); tables may have
     different embedding dims; ``num_dense == 0`` is supported. No first-order per-id weights are used.
@@ -105,7 +106,7 @@ class DCN(_CrossAndDeep):
         super().__init__(
             embedding,
             num_dense,
-            CrossNet(width, num_cross_layers),
+            dcn_cross(width, num_cross_layers),
             structure="parallel",
             deep_mlp=deep_mlp,
             dropout=dropout,
@@ -116,8 +117,8 @@ class DCN(_CrossAndDeep):
 class DCNv2(_CrossAndDeep):
     """DCN-v2: a matrix cross network (full or low rank) with an MLP, stacked or in parallel.
 
-    Idea: the cross layer ``x_{l+1} = x0 * (W_l x_l + b_l) + x_l``
-    (:class:`~recsys_embed.models.cross.CrossNetV2`) is far more expressive than DCN's rank-one one; with
+    Idea: the cross layer ``x_{l+1} = x0 * (W_l x_l + b_l) + x_l`` (TorchRec's ``CrossNet`` / ``LowRankCrossNet``,
+    see :func:`~recsys_embed.models.cross.dcnv2_cross`) is far more expressive than DCN's rank-one one; with
     ``low_rank=r`` the paper's cost-efficient ``W_l = U_l V_l^T`` uses ``2 d r`` weights instead of ``d^2``.
     ``structure="stacked"``: ``logit = Linear(MLP(x_L))``; ``"parallel"``: ``logit = Linear([x_L, MLP(x0)])``.
     The paper's mixture of low-rank experts (DCN-Mix) is not implemented.
@@ -163,7 +164,7 @@ class DCNv2(_CrossAndDeep):
         super().__init__(
             embedding,
             num_dense,
-            CrossNetV2(width, num_cross_layers, low_rank=low_rank),
+            dcnv2_cross(width, num_cross_layers, low_rank=low_rank),
             structure=structure,
             deep_mlp=deep_mlp,
             dropout=dropout,

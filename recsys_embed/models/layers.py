@@ -2,9 +2,13 @@
 
 Every model reads its fields from the embedding module (:class:`EmbeddingFields`), flattens the pooled
 ``KeyedTensor`` into ``(B, sum d_f)`` (:func:`flat_embeddings`) or stacks it into ``(B, F, D)``
-(:func:`stacked_embeddings`), and builds its towers with :func:`mlp`. First-order ("linear", "wide") terms use
+(:func:`stacked_embeddings`), and builds its deep towers with :func:`mlp`. First-order ("linear", "wide") terms use
 :class:`FieldLinear`, which holds one weight vector per *field* and never a weight per *id*: a per-id weight is one
 more embedding table, and it would escape the memory budget that the embedding module is held to.
+
+TorchRec's layers are used where they compute the same function: DLRM's towers and interaction
+(``torchrec.modules.mlp.MLP``, ``torchrec.models.dlrm.InteractionArch``) and the cross networks
+(:mod:`recsys_embed.models.cross`). The two kept here differ from TorchRec's, as their docstrings say.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ def mlp(
 ) -> nn.Sequential:
     """``Linear -> [BatchNorm] -> ReLU -> [Dropout]`` stack through ``sizes``.
 
-    The last layer gets the ReLU (and the optional batch norm and dropout) only if ``last_activation``; with the
-    defaults the stack is plain ``Linear -> ReLU`` layers (DLRM's). Empty ``sizes`` give an identity.
+    The last layer gets the ReLU (and the optional batch norm and dropout) only if ``last_activation``. Empty
+    ``sizes`` give an identity. Kept instead of ``torchrec.modules.mlp.MLP``, which has no batch norm or dropout
+    (the deep towers of DeepFM, Wide&Deep and DCN use both: BARS' tuned settings).
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"MLP dropout must be in [0, 1) (got {dropout}).")
@@ -160,26 +165,11 @@ class DenseProjection(nn.Module):
 def fm_interaction(vectors: torch.Tensor) -> torch.Tensor:
     """Factorization-machine pairwise term ``sum_{i<j} <v_i, v_j>`` of ``(B, F, D)`` vectors -> ``(B,)``.
 
-    Rendle's O(F D) identity: ``0.5 * sum_d ((sum_i v_id)^2 - sum_i v_id^2)``.
+    Rendle's O(F D) identity: ``0.5 * sum_d ((sum_i v_id)^2 - sum_i v_id^2)``. Kept instead of
+    ``torchrec.modules.deepfm.FactorizationMachine``, which flattens the fields first and so sums the products of
+    all ``F D`` scalars, ``sum_{(i,d) < (j,e)} v_id v_je`` (cross-dimension and same-field terms too), not the FM's
+    field-pair dot products.
     """
     square_of_sum = vectors.sum(dim=1).pow(2)
     sum_of_squares = vectors.pow(2).sum(dim=1)
     return 0.5 * (square_of_sum - sum_of_squares).sum(dim=1)
-
-
-class DotInteraction(nn.Module):
-    """Pairwise dot products of ``F`` vectors (strict upper triangle): ``(B, F, D) -> (B, F (F - 1) / 2)``."""
-
-    def __init__(self, num_vectors: int) -> None:
-        super().__init__()
-        rows, cols = torch.triu_indices(num_vectors, num_vectors, offset=1)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
-
-    @property
-    def out_features(self) -> int:
-        return int(self.rows.numel())
-
-    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
-        gram = torch.bmm(vectors, vectors.transpose(1, 2))
-        return gram[:, self.rows, self.cols]

@@ -43,18 +43,23 @@ from recsys_embed.methods import (
 from recsys_embed.methods.fused import FusedTables
 from recsys_embed.methods.saving import check_same_tables, describe, rebuild
 from recsys_embed.models import DLRM
-from recsys_embed.training.sharding import consolidated_optimizer_state, load_sharded_optimizer_state
+from recsys_embed.training import sharded_state
+from recsys_embed.training.distributed_checkpoint import (
+    consolidated_checkpoint,
+    is_sharded_checkpoint,
+    sharded_checkpoint_error,
+)
 from recsys_embed.training.strategy import TorchRecStrategy
 from recsys_embed.training.task_config import (
     DESCRIPTION_FORMAT,
     EmbeddingSpec,
     as_sparse_optimizer,
     as_spec,
+    check_description,
     default_optimizer,
     describe_model_factory,
     group_optimizer,
     model_factory_from,
-    normalized,
     tables_for,
 )
 
@@ -126,7 +131,7 @@ class CTRTask(pl.LightningModule):
         self.hparams["description"] = self.describe()
         self.val_auc, self.test_auc = BinaryAUROC(), BinaryAUROC()
         self.val_logloss, self.test_logloss = MeanMetric(), MeanMetric()
-        self._pending_optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None
+        self._pending_optimizer_state: tuple[dict[str, Any], dict[str, Any]] | None = None  # saved, column shards
         self._set_optimization_mode()
         self._log_embedding()
 
@@ -210,7 +215,7 @@ class CTRTask(pl.LightningModule):
     def from_checkpoint(self, path: str | Path) -> CTRTask:
         """A task with this one's settings (optimizers, sparse optimizer) and the net ``path`` describes, its
         weights loaded (no optimizer or loop state: ``Trainer.fit(ckpt_path=...)`` restores those)."""
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = consolidated_checkpoint(path)  # a sharded checkpoint's tables read from its shards folder
         description = saved.get("hyper_parameters", {}).get("description")
         if description is None:
             raise ValueError(f"{path} has no model/method description: it was not written by this CTRTask version.")
@@ -263,18 +268,18 @@ class CTRTask(pl.LightningModule):
             fuse_tables(self.net, self.sparse_optimizer, strategy.root_device)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.net(batch.dense, batch.sparse)
+        return self.net(batch.dense_features, batch.sparse_features)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
         sync = self.trainer.world_size > 1
         regularizer = self.embedding.regularizer()
         if regularizer is not None:
-            self.log("train/bce", loss, batch_size=len(batch), sync_dist=sync)
-            self.log("train/regularizer", regularizer, batch_size=len(batch), sync_dist=sync)
+            self.log("train/bce", loss, batch_size=len(batch.labels), sync_dist=sync)
+            self.log("train/regularizer", regularizer, batch_size=len(batch.labels), sync_dist=sync)
             loss = loss + regularizer
         # with several ranks, log the global batch's loss (the mean of the ranks' equal shares)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=sync)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch.labels), sync_dist=sync)
         if not self.automatic_optimization:  # the stage has its own parameter groups (see configure_optimizers)
             optimizers = self.optimizers()
             optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -300,8 +305,8 @@ class CTRTask(pl.LightningModule):
         losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
         auc.update(torch.sigmoid(logits), batch.labels.long())
         logloss.update(losses)
-        self.log(f"{stage}/auc", auc, prog_bar=True, batch_size=len(batch))
-        self.log(f"{stage}/logloss", logloss, prog_bar=True, batch_size=len(batch))
+        self.log(f"{stage}/auc", auc, prog_bar=True, batch_size=len(batch.labels))
+        self.log(f"{stage}/logloss", logloss, prog_bar=True, batch_size=len(batch.labels))
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_auc, self.val_logloss, "val")
@@ -322,55 +327,43 @@ class CTRTask(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the description of the net's current form, and the fused tables' optimizer state (it lives in
-        fbgemm, outside Lightning's optimizers)."""
+        fbgemm, outside Lightning's optimizers) unless the strategy writes it with each rank's shards."""
         hparams = checkpoint.setdefault("hyper_parameters", {})
         for key, value in hparams.items():  # plain dicts, as LightningCLI writes them (CTRTask takes both)
             if isinstance(value, (EmbeddingSpec, SparseOptimizer)):
                 hparams[key] = asdict(value)
         hparams["description"] = self.describe()
         if isinstance(self.net, DistributedModelParallel):  # a collective: every rank gets here
-            checkpoint["fused_optimizer_state"] = consolidated_optimizer_state(self.net, prefix="net.")
+            if not getattr(self.trainer.strategy, "writes_shards", False):  # else the strategy writes each rank's
+                gathered = sharded_state.gather_optimizer_state(self.net, prefix="net.")  # + column shards' own
+                checkpoint["fused_optimizer_state"], checkpoint["fused_optimizer_column_shards"] = gathered
             return
         checkpoint["fused_optimizer_state"] = {
             name: module.optimizer_state() for name, module in self.named_modules() if isinstance(module, FusedTables)
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the fused optimizer state: now if the tables are fused (resuming ``fit`` on one process), at
-        ``on_fit_start`` if the sharding strategy has yet to shard them. A checkpoint of another model or method
-        form than this task's is a clear error (rebuild it with :meth:`load_from_checkpoint`)."""
-        self._check_description(checkpoint.get("hyper_parameters", {}).get("description"))
+        """Restore the fused optimizer state: now if the tables are fused or sharded, at ``on_fit_start`` if they
+        are yet to be. A checkpoint of another model or method form than this task's, or one whose tables are in
+        a shards folder without the torchrec strategy to load it, is a clear error."""
+        if is_sharded_checkpoint(checkpoint):  # TorchRecStrategy.load_checkpoint takes these
+            raise sharded_checkpoint_error(checkpoint)
+        saved_description = checkpoint.get("hyper_parameters", {}).get("description")
+        check_description(saved_description, self.describe, self.tables)
         saved = checkpoint.get("fused_optimizer_state", {})
-        fused = {name: module for name, module in self.named_modules() if isinstance(module, FusedTables)}
-        for name, state in saved.items():
-            if name in fused:
-                fused[name].load_optimizer_state(state)
-        self._pending_optimizer_state = saved if saved and not fused else None
-
-    def _check_description(self, saved: dict[str, Any] | None) -> None:
-        if saved is None:  # written before checkpoints described themselves
-            return
-        mine = self.describe()
-        check_same_tables(saved["method"]["tables"], self.tables, "the checkpoint")
-        keys = ("name", "version", "config", "stage")
-        theirs = {k: saved["method"][k] for k in keys}
-        ours = {k: mine["method"][k] for k in keys}
-        if normalized(theirs) != normalized(ours):
-            raise ValueError(
-                f"The checkpoint was written by method {theirs}, this task holds {ours}: load it with "
-                "CTRTask.load_from_checkpoint(path) (or recsys-embed test/validate --ckpt_path, which rebuild the "
-                "checkpoint's form), or build the task with the same method settings."
-            )
-        if saved.get("model") and mine["model"] and saved["model"]["class"] != mine["model"]["class"]:
-            raise ValueError(
-                f"The checkpoint was written by model {saved['model']['class']}, this task holds "
-                f"{mine['model']['class']}: load it with CTRTask.load_from_checkpoint(path)."
-            )
+        column_shards = checkpoint.get("fused_optimizer_column_shards", {})
+        self._pending_optimizer_state = None
+        if saved and isinstance(self.net, DistributedModelParallel):
+            sharded_state.load_sharded_optimizer_state(self.net, saved, prefix="net.", column_shards=column_shards)
+        elif saved and any(isinstance(module, FusedTables) for module in self.modules()):
+            sharded_state.load_fused_optimizer_state(self, saved)
+        elif saved:
+            self._pending_optimizer_state = (saved, column_shards)
 
     def on_fit_start(self) -> None:
         pending, self._pending_optimizer_state = self._pending_optimizer_state, None
         if pending and isinstance(self.net, DistributedModelParallel):
-            load_sharded_optimizer_state(self.net, pending, prefix="net.")
+            sharded_state.load_sharded_optimizer_state(self.net, pending[0], prefix="net.", column_shards=pending[1])
         elif pending:
             log.info("Checkpoint has fused optimizer state but the tables are not fused: state not restored.")
         log.info("Sparse optimizer (fused in the tables): %s", asdict(self.sparse_optimizer))

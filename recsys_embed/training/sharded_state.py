@@ -2,8 +2,30 @@
 
 :func:`consolidated_state_dict` gathers each sharded table to rank 0 as one plain tensor, so a checkpoint has the
 same keys and shapes as an unsharded model's and loads on any number of processes (:func:`load_sharded_state`
-copies each rank's slices back in); :func:`consolidated_optimizer_state` and :func:`load_sharded_optimizer_state`
-do the same for the fused optimizer's per-table state.
+copies each rank's slices back in, for any sharding plan).
+
+The fused optimizer's state needs more care. An element-wise state (Adagrad's ``[rows, dim]``) is sharded like its
+table. A row-wise state (row-wise Adagrad's ``[rows]``) is not: under column-wise and table-column-wise sharding
+every column shard keeps its own accumulator for all rows (the mean of the squared gradients over *its* columns),
+and TorchRec lays these side by side as one ``[rows * column shards]`` tensor whose layout depends on the plan.
+:func:`gather_optimizer_state` therefore returns two parts:
+
+- the unsharded layout of :meth:`FusedTables.optimizer_state` (``{path: {f"{table}.{i}": tensor}}``, row-wise
+  states ``[rows]``): the column shards' accumulators averaged, weighted by their widths (the whole row's mean
+  squared gradient, which is what one process accumulates); one process loads it as it is;
+- ``column_shards``: for each row-wise state of a column-split table, every column range's own accumulator
+  (``{"column_offsets": [k + 1], "values": [k, rows]}``), so that reloading onto shards restores each one exactly.
+
+:func:`load_sharded_optimizer_state` gives each local shard of any plan the width-weighted mean (in float64) of the
+saved accumulators over its columns: exact for the same column split and for one process, the mean otherwise.
+
+Example::
+
+    weights = consolidated_state_dict(net)  # every rank calls these; rank 0 gets the whole state
+    state, column_shards = gather_optimizer_state(net)
+    load_sharded_state(other, weights)  # other: sharded on any number of ranks, any plan
+    load_sharded_optimizer_state(other, state, column_shards=column_shards)
+    load_fused_optimizer_state(one_process_net, state)  # FusedTables on one process
 """
 
 from __future__ import annotations
@@ -11,6 +33,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,15 +41,25 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
+from recsys_embed.methods.fused import FusedTables
+
+#: ``{path: {f"{table}.{i}": tensor}}``, the layout of :meth:`FusedTables.optimizer_state` per collection
+OptimizerState = dict[str, dict[str, torch.Tensor]]
+#: ``{path: {f"{table}.{i}": {"column_offsets": LongTensor[k + 1], "values": Tensor[k, rows]}}}``
+ColumnShards = dict[str, dict[str, dict[str, torch.Tensor]]]
+#: where a shard sits in its table: ``(row start, row stop, column start, column stop)``
+Place = tuple[int, int, int, int]
+
 
 def load_sharded_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy a plain (unsharded) state dict into ``module``, whose sharded tables take only their own slices."""
     targets = module.state_dict()
-    missing = sorted(set(targets) - set(state))
-    if missing:
+    missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
+    if missing or unexpected:
         raise ValueError(
-            f"The state dict lacks {len(missing)} entries of the sharded model (first: {missing[:3]}): it was saved "
-            "from another model or method configuration."
+            f"The state dict does not match the sharded model: {len(missing)} missing entries (first: "
+            f"{missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]}). It was saved from another "
+            "model or method configuration: load it into the model that wrote it."
         )
     with torch.no_grad():
         for key, target in targets.items():
@@ -71,60 +104,161 @@ def _shard_index(offsets: Sequence[int], sizes: Sequence[int]) -> tuple[slice, .
 _TABLE_WEIGHT = re.compile(r"(?P<path>.+)\.(?:embedding_bags|embeddings)\.(?P<table>[^.]+)\.weight")
 
 
-def _optimizer_states(module: DistributedModelParallel) -> list[tuple[str, str, ShardedTensor]]:
-    """``(collection path, key, sharded state)`` of this rank's fused tables; ``key`` is ``f"{table}.{i}"``, the
-    ``i``-th state of the table by name, as in :meth:`FusedTables.optimizer_state`."""
+def _local_places(weight: ShardedTensor, state: ShardedTensor) -> list[tuple[Place, torch.Tensor]]:
+    """This rank's shards of ``state`` and where each sits in the table ``weight``.
+
+    Element-wise states are sharded like the table. Row-wise ones are ``[rows]`` under table-wise and row-wise
+    sharding, and ``[rows * k]`` under a split into ``k`` column shards (TorchRec puts the accumulator of the
+    ``j``-th column shard, by column offset, at ``j * rows``).
+    """
+    local = [(s.metadata, s.tensor) for s in state.local_shards()]
+    if state.dim() == 2:
+        return [(_place(m.shard_offsets, m.shard_sizes), t) for m, t in local]
+    rows, dim = weight.size()
+    shards = weight.metadata().shards_metadata
+    split_columns = any(s.shard_sizes[1] != dim for s in shards)
+    if split_columns and any(s.shard_sizes[0] != rows for s in shards):
+        raise ValueError(
+            f"Fused optimizer state of shape {tuple(state.size())} for a table split in rows and columns (grid "
+            "sharding) is not supported in checkpoints; use table-wise, row-wise, column-wise or table-column-wise."
+        )
+    if split_columns:
+        by_column = sorted(shards, key=lambda s: s.shard_offsets[1])
+        places = {j * rows: _place(s.shard_offsets, s.shard_sizes) for j, s in enumerate(by_column)}
+    else:
+        places = {s.shard_offsets[0]: _place(s.shard_offsets, s.shard_sizes) for s in shards}
+    return [(places[m.shard_offsets[0]], t) for m, t in local]
+
+
+def _place(offsets: Sequence[int], sizes: Sequence[int]) -> Place:
+    return offsets[0], offsets[0] + sizes[0], offsets[1], offsets[1] + sizes[1]
+
+
+def _optimizer_states(module: DistributedModelParallel) -> list[tuple[str, str, ShardedTensor, ShardedTensor]]:
+    """``(collection path, key, sharded state, sharded table)`` of this rank's fused tables; ``key`` is
+    ``f"{table}.{i}"``, the ``i``-th state of the table by name, as in :meth:`FusedTables.optimizer_state`."""
+    weights = module.state_dict()
     states = []
     for param_key, named in module.fused_optimizer.state_dict()["state"].items():
         found = _TABLE_WEIGHT.fullmatch(param_key)
         if found is None:
             raise ValueError(f"Unexpected fused parameter {param_key!r}: not a TorchRec collection's table weight.")
         path, table = found.group("path"), found.group("table")
-        states.extend((path, f"{table}.{i}", named[name]) for i, name in enumerate(sorted(named)))
+        weight = weights[param_key]
+        states.extend((path, f"{table}.{i}", named[name], weight) for i, name in enumerate(sorted(named)))
     return states
 
 
-def consolidated_optimizer_state(
-    module: DistributedModelParallel, prefix: str = ""
-) -> dict[str, dict[str, torch.Tensor]]:
-    """The fused optimizer state (e.g. row-wise Adagrad accumulators) of every sharded table, gathered on rank 0.
-
-    A collective. The layout equals :meth:`FusedTables.optimizer_state` per collection,
-    ``{prefix + path: {f"{table}.{i}": tensor}}``, so the state moves between sharded and unsharded runs. Shards
-    of a row-wise state that repeat the same rows (column-wise sharding) are averaged (equal-width shards make that
-    the whole row's mean).
-    """
+def gather_optimizer_state(module: DistributedModelParallel, prefix: str = "") -> tuple[OptimizerState, ColumnShards]:
+    """The fused optimizer state of every sharded table, gathered on rank 0 (a collective; other ranks get
+    empty dicts): the unsharded layout and the column shards' own row-wise accumulators (see the module doc)."""
     local = [
-        (path, key, tuple(state.size()), [(s.metadata.shard_offsets, s.tensor.cpu()) for s in state.local_shards()])
-        for path, key, state in _optimizer_states(module)
+        (path, key, tuple(weight.size()), state.dim() == 1, [(p, t.cpu()) for p, t in _local_places(weight, state)])
+        for path, key, state, weight in _optimizer_states(module)
     ]
-    gathered: list[object] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local, gathered, dst=0)
     if gathered is None:
-        return {}
-    totals: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for path, key, size, shards in (entry for rank_states in gathered for entry in rank_states):  # type: ignore[union-attr]
-        total, count = totals.setdefault((path, key), (torch.zeros(size), torch.zeros(size)))
-        for offsets, tensor in shards:
-            total[_shard_index(offsets, tensor.shape)] += tensor
-            count[_shard_index(offsets, tensor.shape)] += 1
-    out: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for (path, key), (total, count) in sorted(totals.items()):
-        out[prefix + path][key] = total / count.clamp(min=1)
-    return dict(out)
+        return {}, {}
+    pieces: dict[tuple[str, str], list[tuple[Place, torch.Tensor]]] = defaultdict(list)
+    shapes: dict[tuple[str, str], tuple[tuple[int, int], bool]] = {}
+    for path, key, size, rowwise, shards in (entry for rank_states in gathered for entry in rank_states):
+        shapes[(path, key)] = (size, rowwise)
+        pieces[(path, key)].extend(shards)
+    states: OptimizerState = defaultdict(dict)
+    columns: ColumnShards = defaultdict(dict)
+    for (path, key), (size, rowwise) in sorted(shapes.items()):
+        placed = pieces[(path, key)]
+        if not rowwise:
+            full = torch.empty(size, dtype=placed[0][1].dtype)
+            for (r0, r1, c0, c1), tensor in placed:
+                full[r0:r1, c0:c1] = tensor
+            states[prefix + path][key] = full
+            continue
+        ranges = sorted({(c0, c1) for (_, _, c0, c1), _ in placed})
+        values = torch.empty(len(ranges), size[0], dtype=placed[0][1].dtype)
+        for (r0, r1, c0, c1), tensor in placed:
+            values[ranges.index((c0, c1)), r0:r1] = tensor
+        offsets = torch.tensor([c0 for c0, _ in ranges] + [size[1]])
+        states[prefix + path][key] = _column_mean(offsets, values, 0, size[1])
+        if len(ranges) > 1:
+            columns[prefix + path][key] = {"column_offsets": offsets, "values": values}
+    return dict(states), dict(columns)
+
+
+def consolidated_optimizer_state(module: DistributedModelParallel, prefix: str = "") -> OptimizerState:
+    """The unsharded layout of :func:`gather_optimizer_state` (what one process's ``FusedTables`` loads)."""
+    return gather_optimizer_state(module, prefix)[0]
+
+
+def _column_mean(offsets: torch.Tensor, values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The row-wise accumulator of columns ``start:stop``: the saved column ranges' ``values`` (``[k, rows]``,
+    range ``j`` covering ``offsets[j]:offsets[j + 1]``) averaged by their overlap, in float64 (exact for one range)."""
+    overlap = (offsets[1:].clamp(max=stop) - offsets[:-1].clamp(min=start)).clamp(min=0).double()
+    if overlap.sum() != stop - start:
+        raise ValueError(f"Saved column shards {offsets.tolist()} do not cover columns {start}:{stop}.")
+    return ((overlap[:, None] * values.double()).sum(0) / (stop - start)).to(values.dtype)
 
 
 def load_sharded_optimizer_state(
-    module: DistributedModelParallel, saved: Mapping[str, Mapping[str, torch.Tensor]], prefix: str = ""
+    module: DistributedModelParallel,
+    saved: Mapping[str, Mapping[str, torch.Tensor]],
+    prefix: str = "",
+    column_shards: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]] | None = None,
 ) -> None:
-    """Copy what :func:`consolidated_optimizer_state` (or unsharded ``FusedTables``) saved into this rank's shards."""
+    """Copy what :func:`gather_optimizer_state` (or unsharded ``FusedTables``) saved into this rank's shards, for
+    any sharding plan: each column shard's row-wise accumulator from ``column_shards`` when saved (exact for the
+    same split), else from the unsharded layout."""
+    targets = _optimizer_states(module)
+    entries = [{(prefix + path, key) for path, key, _, _ in targets}]
+    if dist.is_initialized():  # a rank holds only some tables: compare with all ranks' (so all raise alike)
+        entries = [set()] * dist.get_world_size()
+        dist.all_gather_object(entries, {(prefix + path, key) for path, key, _, _ in targets})
+    _check_entries(saved, set().union(*entries))
     with torch.no_grad():
-        for path, key, state in _optimizer_states(module):
-            source = saved.get(prefix + path, {}).get(key)
-            if source is None or tuple(source.shape) != tuple(state.size()):
+        for path, key, state, weight in targets:
+            source = saved[prefix + path][key]
+            rows, dim = weight.size()
+            expected = (rows,) if state.dim() == 1 else (rows, dim)
+            if tuple(source.shape) != expected:
                 raise ValueError(
-                    f"The checkpoint has no fused optimizer state {prefix + path}/{key} of shape "
-                    f"{tuple(state.size())}: it was written with other tables or another sparse optimizer."
+                    f"Fused optimizer state {prefix + path}/{key} has shape {tuple(source.shape)}, the sharded table "
+                    f"expects {expected}: it was written with other tables or another sparse optimizer."
                 )
-            for shard in state.local_shards():
-                shard.tensor.copy_(source[_shard_index(shard.metadata.shard_offsets, shard.metadata.shard_sizes)])
+            split = (column_shards or {}).get(prefix + path, {}).get(key)
+            offsets, values = (torch.tensor([0, dim]), source[None])  # one range: the whole row
+            if split is not None:
+                offsets, values = split["column_offsets"], split["values"]
+            for (r0, r1, c0, c1), tensor in _local_places(weight, state):
+                if state.dim() == 2:
+                    tensor.copy_(source[r0:r1, c0:c1])
+                else:
+                    tensor.copy_(_column_mean(offsets, values[:, r0:r1], c0, c1))
+
+
+def load_fused_optimizer_state(module: nn.Module, saved: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Restore the unsharded layout into the :class:`FusedTables` below ``module`` (one process), checking that the
+    saved collections, entries and shapes are this model's."""
+    fused = {name: m for name, m in module.named_modules() if isinstance(m, FusedTables)}
+    current = {name: m.optimizer_state() for name, m in fused.items()}
+    _check_entries(saved, {(name, key) for name, states in current.items() for key in states})
+    for name, states in current.items():
+        for key, value in states.items():
+            if tuple(saved[name][key].shape) != tuple(value.shape):
+                raise ValueError(
+                    f"Fused optimizer state {name}/{key} has shape {tuple(saved[name][key].shape)}, the table "
+                    f"expects {tuple(value.shape)}: it was written with other tables or another sparse optimizer."
+                )
+        fused[name].load_optimizer_state(dict(saved[name]))
+
+
+def _check_entries(saved: Mapping[str, Mapping[str, torch.Tensor]], expected: set[tuple[str, str]]) -> None:
+    have = {(path, key) for path, states in saved.items() for key in states}
+    missing, unexpected = sorted(expected - have), sorted(have - expected)
+    if missing or unexpected:
+        name = lambda entries: [f"{p}/{k}" for p, k in entries[:3]]  # noqa: E731
+        raise ValueError(
+            f"The fused optimizer state does not match the model's tables: {len(missing)} missing entries (first: "
+            f"{name(missing)}), {len(unexpected)} unexpected (first: {name(unexpected)}). It was written with other "
+            "tables, another method or another sparse optimizer: load it into the model that wrote it."
+        )

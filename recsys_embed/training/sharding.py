@@ -23,7 +23,10 @@ is a clear error.
 
 Checkpoints are written consolidated: :func:`consolidated_state_dict` gathers each sharded table to rank 0 as one
 plain tensor, so a checkpoint has the same keys and shapes as an unsharded model's and loads on any number of
-processes (:func:`load_sharded_state` copies each rank's slices back in).
+processes and any plan (:func:`load_sharded_state` copies each rank's slices back in); the fused optimizer state
+moves the same way, column shards' own row-wise accumulators included (see ``training/sharded_state.py``).
+``column_shard_dim`` sets how wide column-wise shards are (TorchRec's default, 128 columns, leaves narrower tables
+whole).
 
 Example (inside a process group, e.g. under ``torchrun``)::
 
@@ -35,12 +38,8 @@ Example (inside a process group, e.g. under ``torchrun``)::
 from __future__ import annotations
 
 import logging
-import math
-import os
-import re
 import warnings
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -52,13 +51,12 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection, JaggedTensor, 
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner
-from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import Awaitable, ShardingEnv, ShardingPlan, ShardingType
+from torchrec.distributed.types import Awaitable, ShardingEnv, ShardingType
 
 from recsys_embed.methods.base import EmbeddingMethod
 from recsys_embed.methods.fused import FusedTables, check_fusable, fbgemm_fused_params
 from recsys_embed.methods.storage import PRECISION_BYTES, SparseOptimizer, TableStorage
+from recsys_embed.training.planning import ShardingPlanError, log_plan, plan_sharding  # noqa: F401 - also this API
 from recsys_embed.training.sharded_state import (  # noqa: F401 - also this module's API
     consolidated_optimizer_state,
     consolidated_state_dict,
@@ -81,10 +79,6 @@ CUDA_SHARDING_TYPES = (*CPU_SHARDING_TYPES, ShardingType.ROW_WISE.value, Shardin
 # Unpooled tables (TorchRec's EmbeddingCollectionSharder): the same three on CPU and CUDA.
 UNPOOLED_SHARDING_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value, ShardingType.ROW_WISE.value)
 _COLLECTION_TYPES = (EmbeddingBagCollection, EmbeddingCollection)
-
-
-class ShardingPlanError(RuntimeError):
-    """TorchRec's planner found no plan (raised on every rank, with each failing rank's message)."""
 
 
 def _kind(pooled: bool) -> str:
@@ -225,81 +219,6 @@ class SequenceTableSharder(_DeclaredSharderMixin, EmbeddingCollectionSharder):
     """TorchRec's ``EmbeddingCollection`` sharder for declared unpooled tables (per-declaration fused params)."""
 
 
-def plan_sharding(
-    module: nn.Module,
-    sharders: Sequence[EmbeddingBagCollectionSharder | EmbeddingCollectionSharder],
-    *,
-    device: torch.device,
-    memory_cap_bytes: int | None = None,
-    group: dist.ProcessGroup | None = None,
-) -> ShardingPlan:
-    """Plan with TorchRec's ``EmbeddingShardingPlanner`` on every rank (same inputs, same plan).
-
-    ``memory_cap_bytes`` caps each rank's table storage (host memory on CPU, HBM on CUDA). Planning runs locally
-    on each rank and the outcomes are exchanged, so a plan that does not fit raises :class:`ShardingPlanError` with
-    the planner's message on every rank instead of leaving the others waiting in a collective.
-    """
-    world = dist.get_world_size(group)
-    caps = {}
-    if memory_cap_bytes is not None:
-        caps = {"hbm_cap_bytes" if device.type == "cuda" else "ddr_cap_bytes": memory_cap_bytes}
-    topology = TopologyFactory.create_topology(
-        trainer_config=TrainerConfig(world_size=world, local_world_size=local_world_size(world), **caps),
-        kernel_config=KernelConfig(compute_device=device.type),
-    )
-    plan, error = None, None
-    try:
-        plan = EmbeddingShardingPlanner(topology=topology).plan(module, list(sharders))  # type: ignore[arg-type]
-    except Exception as exc:  # the planner raises several types; all are reported the same way
-        error = re.sub(r" at 0x[0-9a-f]+", "", f"{type(exc).__name__}: {exc}")  # same text on every rank
-    errors: list[str | None] = [None] * world
-    dist.all_gather_object(errors, error, group=group)
-    failed = {rank: message for rank, message in enumerate(errors) if message}
-    if failed:
-        messages = set(failed.values())
-        where = f"on all {world} ranks" if len(failed) == world else f"on ranks {sorted(failed)}"
-        detail = messages.pop() if len(messages) == 1 else " | ".join(f"rank {r}: {m}" for r, m in failed.items())
-        cap = f"{memory_cap_bytes} bytes per rank" if memory_cap_bytes is not None else "the planner's default"
-        raise ShardingPlanError(
-            f"TorchRec's sharding planner found no plan for the embedding tables {where} (memory cap: {cap}).\n"
-            f"{detail.strip()}\nFix: raise the per-rank memory cap (strategy memory_cap_bytes), use more devices, or "
-            "compress more (a smaller model.embedding.budget)."
-        )
-    assert plan is not None
-    return plan
-
-
-def local_world_size(world: int) -> int:
-    """Processes per node: ``LOCAL_WORLD_SIZE`` (set by torchrun and Lightning), else the whole world."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
-
-
-def describe_plan(plan: ShardingPlan, value_bytes: Mapping[str, int] | None = None) -> tuple[list[str], dict[int, int]]:
-    """One line per table (how it is sharded, on which ranks, shard shapes) and table bytes per rank;
-    ``value_bytes`` gives bytes per weight by ``f"{module_path}.{table}"`` (default: fp32)."""
-    lines, per_rank = [], defaultdict(int)
-    for module_path, module_plan in plan.plan.items():
-        for table, sharding in module_plan.items():  # type: ignore[union-attr]
-            per_value = (value_bytes or {}).get(f"{module_path}.{table}", PRECISION_BYTES["fp32"])
-            shards = sharding.sharding_spec.shards if sharding.sharding_spec is not None else []
-            placed = []
-            for shard in shards:
-                rank = shard.placement.rank()
-                per_rank[rank] += math.prod(shard.shard_sizes) * per_value
-                placed.append(f"rank {rank} {'x'.join(map(str, shard.shard_sizes))}")
-            lines.append(f"{module_path}.{table}: {sharding.sharding_type} -> {', '.join(placed)}")
-    return lines, dict(per_rank)
-
-
-def log_plan(plan: ShardingPlan, world: int, value_bytes: Mapping[str, int] | None = None) -> None:
-    lines, per_rank = describe_plan(plan, value_bytes)
-    log.info("Sharding plan (%d tables on %d ranks):\n  %s", len(lines), world, "\n  ".join(lines))
-    log.info(
-        "Embedding table memory per rank (weights at their precision, optimizer state not counted): %s",
-        ", ".join(f"rank {r}: {per_rank.get(r, 0) / 2**20:.3g} MiB" for r in range(world)),
-    )
-
-
 def shard_model(
     module: nn.Module,
     optimizer: SparseOptimizer,
@@ -307,6 +226,7 @@ def shard_model(
     device: torch.device,
     sharding_types: Sequence[str] | None = None,
     memory_cap_bytes: int | None = None,
+    column_shard_dim: int | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> DistributedModelParallel:
     """Shard the declared tables of every method below ``module`` over the process group, keeping their weights.
@@ -333,7 +253,14 @@ def shard_model(
         sharder_class[pooled](optimizer, kinds, [d for d in declared if d.storage.pooled == pooled])
         for pooled, kinds in types.items()
     ]
-    plan = plan_sharding(module, sharders, device=device, memory_cap_bytes=memory_cap_bytes, group=group)
+    plan = plan_sharding(
+        module,
+        sharders,
+        device=device,
+        memory_cap_bytes=memory_cap_bytes,
+        column_shard_dim=column_shard_dim,
+        group=group,
+    )
     world = dist.get_world_size(group)
     sharded = DistributedModelParallel(
         module, env=ShardingEnv.from_process_group(group), device=device, plan=plan, sharders=sharders

@@ -19,6 +19,10 @@ and the later ones from the previous stage's final checkpoint. ``state.json`` is
 is marked done only after its ``final.ckpt`` is written, so a kill at any point leaves a resumable folder. A
 stage's recorded time is that of the segment that finished it (time spent before a kill is not counted).
 
+After each stage's training the method's :meth:`~recsys_embed.methods.EmbeddingMethod.finish_stage` runs with
+:func:`validation_auc` (a stage with ``max_epochs=0`` does only that, e.g. OptEmbed's evolutionary search); it is
+part of the stage's time, and a kill inside it reruns it from the stage's start (the stage is not done yet).
+
 Without a ``stages_dir`` (the benchmark runner) the stages run in memory, one after another, with no checkpoint.
 """
 
@@ -29,7 +33,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,9 +41,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torchmetrics.functional.classification import binary_auroc
 
 from recsys_embed.methods import Stage
 from recsys_embed.training.ctr_task import CTRTask
+from recsys_embed.training.distributed_checkpoint import remove_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +125,7 @@ class StageState:
         """Forget a stage (it reruns from its start): pending, no time, its checkpoint files removed."""
         self.data["stages"][name] = {"status": "pending", "time_s": 0.0, "steps": 0}
         for old in (self.folder / name).glob("*.ckpt"):
-            old.unlink()
+            remove_checkpoint(old)  # and its shards folder, if a sharded run wrote it
 
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -136,6 +142,43 @@ def _log_stage_time(trainer: pl.Trainer, name: str, seconds: float) -> None:
     for logger in trainer.loggers:
         logger.log_metrics({f"stage_time_s/{name}": seconds}, step=trainer.global_step)
         logger.save()
+
+
+def validation_auc(task: CTRTask, datamodule: pl.LightningDataModule) -> Callable[[int | None], float]:
+    """``evaluate(max_batches)`` for :meth:`~recsys_embed.methods.EmbeddingMethod.finish_stage`: the AUC of ``task``
+    (as it is at each call, in eval mode, no gradients) on the first ``max_batches`` validation batches (``None``:
+    all). The batches are read once, on the task's device, and kept for the later calls (a search scores many
+    candidates on the same batches)."""
+    cached: list[Any] = []
+    sources: list[Iterator[Any]] = []  # the val loader is opened at the first call only
+
+    def evaluate(max_batches: int | None = None) -> float:
+        if not sources:
+            sources.append(iter(datamodule.val_dataloader()))
+        source = sources[0]
+        while max_batches is None or len(cached) < max_batches:
+            batch = next(source, None)
+            if batch is None:
+                break
+            cached.append(batch.to(task.device))
+        batches = cached if max_batches is None else cached[:max_batches]
+        if not batches:
+            raise ValueError("The stage's evaluation needs validation data: the datamodule's val split is empty.")
+        was_training = task.training
+        task.eval()
+        with torch.no_grad():
+            scores = torch.cat([task(b).float() for b in batches])
+        task.train(was_training)
+        labels = torch.cat([b.labels for b in batches]).long()
+        return float(binary_auroc(scores, labels))
+
+    return evaluate
+
+
+def _fit_stage(trainer: pl.Trainer, task: CTRTask, datamodule: pl.LightningDataModule, ckpt_path: str | None) -> None:
+    """The stage's training, then the method's end-of-stage hook (a search on validation data, for example)."""
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    task.embedding.finish_stage(validation_auc(task, datamodule))
 
 
 def run_stages(
@@ -196,7 +239,7 @@ def run_stages(
             log.info("Stage %r: resuming from %s (step %d)", stage.name, resume, resumed_from)
         else:
             for old in stage_dir.glob("*.ckpt"):  # a stage started afresh leaves no files of an earlier try
-                old.unlink()
+                remove_checkpoint(old)
             if index > 0:
                 task = task.from_checkpoint(folder / names[index - 1] / FINAL_CHECKPOINT)
                 task.advance_stage()
@@ -209,7 +252,7 @@ def run_stages(
         state.save()
         trainer = make_trainer(stage, stage_dir)
         started = time.perf_counter()
-        trainer.fit(task, datamodule=datamodule, ckpt_path=str(resume) if resumed_from is not None else None)
+        _fit_stage(trainer, task, datamodule, str(resume) if resumed_from is not None else None)
         seconds = time.perf_counter() - started
         trainer.save_checkpoint(stage_dir / FINAL_CHECKPOINT)
         record = state[stage.name]
@@ -237,7 +280,7 @@ def _run_in_memory(
             task.advance_stage()
         trainer = make_trainer(stage, None)
         started = time.perf_counter()
-        trainer.fit(task, datamodule=datamodule)
+        _fit_stage(trainer, task, datamodule, None)
         seconds = time.perf_counter() - started
         if len(stages) > 1:
             _log_stage_time(trainer, stage.name, seconds)

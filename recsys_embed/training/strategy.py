@@ -11,8 +11,12 @@ and multi-node environments) and replaces the model wrapping:
   data-parallel (see :func:`~recsys_embed.training.sharding.shard_model`);
 * the data module slices each global batch per rank (see ``ParquetBatches``), so every rank gets its own rows and
   the same number of batches;
-* checkpoints are consolidated on rank 0 with the unsharded model's keys, so they load on any number of ranks
-  (and without this strategy).
+* checkpoints on several ranks (``checkpoint_format="sharded"``, the default) are the ``.ckpt`` file (dense
+  layers, loops, optimizers; written by rank 0) and a ``<ckpt>.shards/`` folder beside it where every rank writes
+  only its own shards of the tables and their fused optimizer state (``torch.distributed.checkpoint``, see
+  ``training/distributed_checkpoint.py``); ``checkpoint_format="consolidated"`` (and one rank) gathers the tables
+  into the one file instead (``training/sharded_state.py``). Either loads exactly on any number of ranks and any
+  sharding plan; a one-file checkpoint also without this strategy.
 
 Any LightningModule with a ``net`` (the model holding the TorchRec tables) and a ``sparse_optimizer``
 (:class:`~recsys_embed.methods.SparseOptimizer`) works; :class:`~recsys_embed.training.CTRTask` is one.
@@ -28,16 +32,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.nn import Module
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from recsys_embed.methods.storage import SparseOptimizer
+from recsys_embed.training.distributed_checkpoint import (
+    SHARDS_KEY,
+    load_dense_state,
+    load_sharded_checkpoint,
+    remove_checkpoint,
+    save_sharded_state,
+    shards_folder,
+)
 from recsys_embed.training.sharding import (
     allowed_sharding_types,
     consolidated_state_dict,
@@ -46,6 +60,8 @@ from recsys_embed.training.sharding import (
 )
 
 log = logging.getLogger(__name__)
+#: set in a loaded checkpoint whose shards folder :meth:`TorchRecStrategy.load_checkpoint` already loaded
+_LOADED = "sharded_tables_loaded"
 
 
 class TorchRecStrategy(DDPStrategy):
@@ -58,6 +74,10 @@ class TorchRecStrategy(DDPStrategy):
             ``row_wise``).
         memory_cap_bytes: table storage per rank the planner may use (host memory on CPU, HBM on CUDA); default:
             the planner's own topology defaults. A plan that does not fit fails on every rank with its message.
+        checkpoint_format: ``"sharded"`` (every rank writes its own shards into ``<ckpt>.shards/``; on one rank,
+            the same as consolidated) or ``"consolidated"`` (rank 0 gathers the whole model into the file).
+        column_shard_dim: the width of column-wise shards (a multiple of 4 dividing the tables' dims; default
+            TorchRec's 128, so narrower tables stay whole under column-wise sharding).
         process_group_backend, timeout, start_method: as for Lightning's ``DDPStrategy`` (default backend: gloo on
             CPU, NCCL on CUDA).
     """
@@ -68,6 +88,8 @@ class TorchRecStrategy(DDPStrategy):
         self,
         sharding_types: list[str] | None = None,
         memory_cap_bytes: int | None = None,
+        column_shard_dim: int | None = None,
+        checkpoint_format: Literal["sharded", "consolidated"] = "sharded",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -77,6 +99,20 @@ class TorchRecStrategy(DDPStrategy):
             raise ValueError(f"memory_cap_bytes must be positive (got {memory_cap_bytes}).")
         self.sharding_types = sharding_types
         self.memory_cap_bytes = memory_cap_bytes
+        if checkpoint_format not in ("sharded", "consolidated"):
+            raise ValueError(f"checkpoint_format must be 'sharded' or 'consolidated' (got {checkpoint_format!r}).")
+        self.column_shard_dim = column_shard_dim
+        self.checkpoint_format = checkpoint_format
+
+    @property
+    def writes_shards(self) -> bool:
+        """Whether checkpoints keep the tables in a shards folder, each rank writing its own."""
+        return self.checkpoint_format == "sharded" and self.world_size > 1
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Checkpoints load into the shards (so a sharded checkpoint's tables never sit whole on one rank)."""
+        return True
 
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None
@@ -96,6 +132,7 @@ class TorchRecStrategy(DDPStrategy):
                 device=self.root_device,
                 sharding_types=self.sharding_types,
                 memory_cap_bytes=self.memory_cap_bytes,
+                column_shard_dim=self.column_shard_dim,
             )
         self.model_to_device()  # after sharding: the whole tables never sit on one device
         if trainer.state.fn == TrainerFn.FITTING:
@@ -103,12 +140,38 @@ class TorchRecStrategy(DDPStrategy):
         self.setup_precision_plugin()
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The whole model on rank 0 (sharded tables gathered), with an unsharded model's keys."""
+        """The dense entries if the tables go to a shards folder; else the whole model on rank 0 (sharded tables
+        gathered), with an unsharded model's keys."""
+        if self.writes_shards:
+            return {k: v for k, v in self.lightning_module.state_dict().items() if not isinstance(v, ShardedTensor)}
         return consolidated_state_dict(self.lightning_module)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """With sharded checkpoints, every rank first writes its shards into ``<filepath>.shards/``."""
+        if self.writes_shards:
+            folder = shards_folder(filepath)
+            save_sharded_state(self.lightning_module.net, folder, prefix="net.")
+            checkpoint[SHARDS_KEY] = folder.name
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load the file; a sharded checkpoint's tables and fused optimizer state go straight into the shards."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        folder = checkpoint.pop(SHARDS_KEY, None)
+        if folder is not None:
+            load_sharded_checkpoint(self.lightning_module.net, Path(checkpoint_path).with_name(folder), prefix="net.")
+            checkpoint[_LOADED] = True
+        return checkpoint
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            remove_checkpoint(filepath)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         module = self.lightning_module
-        if isinstance(getattr(module, "net", None), DistributedModelParallel):
+        if checkpoint.get(_LOADED):  # the tables came from the shards folder: the file holds the dense entries
+            load_dense_state(module, checkpoint["state_dict"])
+        elif isinstance(getattr(module, "net", None), DistributedModelParallel):
             load_sharded_state(module, checkpoint["state_dict"])
         else:  # not sharded yet: load as usual, setup() shards the loaded weights
             super().load_model_state_dict(checkpoint, strict=strict)

@@ -22,6 +22,7 @@ from torch import nn
 from torchrec import EmbeddingBagConfig
 
 from recsys_embed.methods import Budget, ParameterGroup, SparseOptimizer
+from recsys_embed.methods.saving import check_same_tables
 
 
 @dataclass
@@ -153,3 +154,28 @@ def group_optimizer(group: ParameterGroup, method: str) -> torch.optim.Optimizer
             f"{sorted(STAGE_OPTIMIZERS)}."
         )
     return cls(group.params, lr=group.lr, **group.options)
+
+
+def check_description(
+    saved: dict[str, Any] | None, describe: Callable[[], dict[str, Any]], tables: list[EmbeddingBagConfig]
+) -> None:
+    """Raise a clear error if a checkpoint's ``saved`` description (its tables, method form, model class) is not
+    the one ``describe()`` gives for a task holding ``tables``; a checkpoint without one passes."""
+    if saved is None:  # written before checkpoints described themselves
+        return
+    mine = describe()
+    check_same_tables(saved["method"]["tables"], tables, "the checkpoint")
+    keys = ("name", "version", "config", "stage")
+    theirs = {k: saved["method"][k] for k in keys}
+    ours = {k: mine["method"][k] for k in keys}
+    if normalized(theirs) != normalized(ours):
+        raise ValueError(
+            f"The checkpoint was written by method {theirs}, this task holds {ours}: load it with "
+            "CTRTask.load_from_checkpoint(path) (or recsys-embed test/validate --ckpt_path, which rebuild the "
+            "checkpoint's form), or build the task with the same method settings."
+        )
+    if saved.get("model") and mine["model"] and saved["model"]["class"] != mine["model"]["class"]:
+        raise ValueError(
+            f"The checkpoint was written by model {saved['model']['class']}, this task holds "
+            f"{mine['model']['class']}: load it with CTRTask.load_from_checkpoint(path)."
+        )
