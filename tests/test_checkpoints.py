@@ -153,7 +153,8 @@ def predict(checkpoint: Path, data: CTRDataModule, output: Path, *extra: str) ->
     import pandas as pd
 
     args = ["predict", f"--data.data_dir={data.data_dir}", "--data.eval_batch_size=300", f"--ckpt_path={checkpoint}"]
-    assert main([*args, "--trainer.enable_progress_bar=false", f"--predict_output={output}", *extra]) is None
+    quiet = ["--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={output.parent}"]  # logs beside it
+    assert main([*args, *quiet, f"--predict_output={output}", *extra]) is None
     return pd.read_parquet(output)
 
 

@@ -142,6 +142,12 @@ def test_unreachable_budget_names_the_reachable_ratios() -> None:
     assert build_embedding("dhe", tables, budget=Budget(ratio=50), num_hashes=16).compression_ratio() >= 50
 
 
+def test_tables_smaller_than_the_hash_parameters_are_one_clear_error() -> None:
+    tables = make_tables((10, 12), dim=8)  # 704 bytes in full; 1024 hashes' parameters are 32,768 bytes
+    with pytest.raises(ValueError, match=r"cannot compress these tables: .* full tables' 704\. Use fewer"):
+        build_embedding("dhe", tables, budget=Budget(ratio=2))
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -17,7 +17,7 @@ from recsys_embed.data.schema import count_ids, load_id_counts, sparse_kinds
 from recsys_embed.methods import available_methods, build_embedding, method_class
 from recsys_embed.models import DLRM
 from recsys_embed.training import tables_for
-from tests.conftest import SHARED_DATA, budget_for
+from tests.conftest import SHARED_DATA, SMALL_TABLE_OPTIONS, budget_for
 
 TAGS = [[1, 2], [], [3, 3, 0], [4], []]
 
@@ -268,6 +268,7 @@ def test_every_method_trains_dlrm_on_a_loader_batch_with_lists(name: str, multi_
     assert (batch.sparse_features.to_dict()["cat_3"].lengths() == 0).any()  # empty bags are in the batch
     tables = tables_for(schema.cardinalities, 8)
     options = {"id_counts": load_id_counts(multi_hot_dataset)} if method_class(name).needs_id_counts else {}
+    options.update(SMALL_TABLE_OPTIONS.get(name, {}))
     torch.manual_seed(0)
     emb = build_embedding(name, tables, budget=budget_for(name, 2.0), **options)
     model = DLRM(emb, num_dense=2, bottom_mlp=[16], top_mlp=[16])

@@ -11,6 +11,7 @@ same state written by ``torch.distributed.checkpoint`` (each rank its own shards
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +35,7 @@ from recsys_embed.training.distributed_checkpoint import (
     read_sharded_state,
 )
 from recsys_embed.training.planning import _column_constraints
-from recsys_embed.training.sharded_state import load_fused_optimizer_state
+from recsys_embed.training.sharded_state import load_fused_optimizer_state, load_sharded_state
 from tests.checkpoint_worker import LIGHTNING_STEPS, OPTIMIZER, TABLES, build, cases, lightning_trainer
 from tests.conftest import make_tables, random_kjt
 from tests.test_sharding import launch
@@ -214,6 +215,7 @@ def test_a_sharded_checkpoint_resumes_and_predicts_exactly_on_one_process_with_t
     data = CTRDataModule(data_dir=str(tiny_dataset), batch_size=64)
     task = CTRTask(data.cardinalities, data.num_dense, 8, EmbeddingSpec("qr", Budget(ratio=4)))
     trainer = lightning_trainer(strategy=TorchRecStrategy(sharding_types=["table_wise"]))
+    environment = dict(os.environ)  # Lightning exports MASTER_PORT, WORLD_SIZE: later spawned ranks must not see them
     try:
         trainer.fit(task, datamodule=data, ckpt_path=saved / "lightning.ckpt")  # at its last step: restores only
         trainer.save_checkpoint(tmp_path / "one.ckpt")  # one rank: gathered into the one file
@@ -221,6 +223,8 @@ def test_a_sharded_checkpoint_resumes_and_predicts_exactly_on_one_process_with_t
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
     again = torch.load(tmp_path / "one.ckpt", weights_only=False)
     gathered = torch.load(saved / "lightning.consolidated.ckpt", weights_only=False)
     assert SHARDS_KEY not in again
@@ -303,3 +307,10 @@ def test_a_table_whose_dim_is_not_a_multiple_of_4_is_a_clear_error_in_a_sharded_
     table = SimpleNamespace(size=lambda: torch.Size([10, 6]), metadata=lambda: metadata)  # all ranks see its layout
     with pytest.raises(ValueError, match=r"dim 6 with column shards \[6\].*multiples of 4.*'consolidated'"):
         check_block_widths(table)  # type: ignore[arg-type]
+
+
+def test_a_dense_entry_of_another_shape_is_a_clear_error_not_a_broadcast() -> None:
+    layer = torch.nn.Linear(3, 2)
+    state = {"weight": torch.zeros(3), "bias": torch.zeros(2)}  # (3,) would broadcast into (2, 3)
+    with pytest.raises(ValueError, match=r"weight: saved shape \(3,\), the model's \(2, 3\)"):
+        load_sharded_state(layer, state)

@@ -229,6 +229,12 @@ class DeepHashEmbedding(EmbeddingMethod):
         k, layers, keep = int(o["num_hashes"]), int(o["hidden_layers"]), bool(o["keep_small_tables"])
         allowed, full = budget.max_bytes(tables), full_bytes(tables)
         smallest = cls.dhe_bytes(tables, k, 1, layers, keep)
+        if smallest > allowed and smallest >= full:
+            raise ValueError(
+                f"Method 'dhe' cannot compress these tables: width 1 with {k} hashes already needs {smallest} bytes, "
+                f"more than the full tables' {full}. Use fewer num_hashes (the hashes' parameters are {4 * k * 8} "
+                "bytes), or another method for tables this small."
+            )
         if smallest > allowed:
             raise ValueError(
                 f"Method 'dhe' cannot fit {allowed} bytes (ratio {full / allowed:.1f}): width 1 with {k} hashes "

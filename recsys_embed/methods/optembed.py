@@ -175,7 +175,8 @@ class OptEmbed(EmbeddingMethod):
         return ranking.keep(dims, self.target_bytes)
 
     def train(self, mode: bool = True) -> OptEmbed:
-        self._ranking = None  # rows and thresholds change while training
+        if mode:
+            self._ranking = None  # rows and thresholds change while training (eval keeps the margins it ranked)
         return super().train(mode)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

@@ -46,6 +46,7 @@ from recsys_embed.training.sharded_state import (
     _column_mean,
     _local_places,
     _optimizer_states,
+    copy_same_shape,
 )
 
 #: columns per saved block of a row-wise optimizer state
@@ -220,7 +221,7 @@ def load_dense_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> No
         )
     with torch.no_grad():
         for key, target in targets.items():
-            target.copy_(state[key])
+            copy_same_shape(key, target, state[key])
 
 
 def is_sharded_checkpoint(checkpoint: Mapping[str, Any]) -> bool:

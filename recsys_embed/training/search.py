@@ -80,7 +80,7 @@ def evolutionary_search(
             )
         for _ in range(crossovers):
             a, b = rng.choice(parents), rng.choice(parents)
-            point = rng.randint(1, fields) if fields > 1 else 1
+            point = rng.randint(1, fields - 1) if fields > 1 else 1  # a cut inside: both parents contribute
             children.append(a[:point] + b[point:])
         score(children)
         history.append(max(scores.values()))

@@ -70,7 +70,17 @@ def load_sharded_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> 
                 for shard in target.local_shards():
                     shard.tensor.copy_(source[_shard_index(shard.metadata.shard_offsets, shard.metadata.shard_sizes)])
             else:
-                target.copy_(source)
+                copy_same_shape(key, target, source)
+
+
+def copy_same_shape(key: str, target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target.copy_(source)``, refusing a shape mismatch that ``copy_`` would broadcast or fail on."""
+    if tuple(source.shape) != tuple(target.shape):
+        raise ValueError(
+            f"{key}: saved shape {tuple(source.shape)}, the model's {tuple(target.shape)}. The checkpoint was written "
+            "by another model configuration: load it into the model that wrote it."
+        )
+    target.copy_(source)
 
 
 def consolidated_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

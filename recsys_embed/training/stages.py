@@ -146,31 +146,42 @@ def _log_stage_time(trainer: pl.Trainer, name: str, seconds: float) -> None:
 
 def validation_auc(task: CTRTask, datamodule: pl.LightningDataModule) -> Callable[[int | None], float]:
     """``evaluate(max_batches)`` for :meth:`~recsys_embed.methods.EmbeddingMethod.finish_stage`: the AUC of ``task``
-    (as it is at each call, in eval mode, no gradients) on the first ``max_batches`` validation batches (``None``:
-    all). The batches are read once, on the task's device, and kept for the later calls (a search scores many
-    candidates on the same batches)."""
+    (as it is at each call, in eval mode, no gradients) on the first ``max_batches`` validation batches, or on the
+    whole validation split (``None``). The first ``max_batches`` batches are read once, on the task's device, and
+    kept for the later calls (a search scores many candidates on them); the whole split is streamed at each call,
+    never held. One process only: each rank would score its own slice of the data and the ranks' searches would
+    part ways."""
     cached: list[Any] = []
     sources: list[Iterator[Any]] = []  # the val loader is opened at the first call only
 
-    def evaluate(max_batches: int | None = None) -> float:
+    def first(max_batches: int) -> list[Any]:
         if not sources:
             sources.append(iter(datamodule.val_dataloader()))
-        source = sources[0]
-        while max_batches is None or len(cached) < max_batches:
-            batch = next(source, None)
-            if batch is None:
-                break
+        while len(cached) < max_batches and (batch := next(sources[0], None)) is not None:
             cached.append(batch.to(task.device))
-        batches = cached if max_batches is None else cached[:max_batches]
-        if not batches:
-            raise ValueError("The stage's evaluation needs validation data: the datamodule's val split is empty.")
+        return cached[:max_batches]
+
+    def evaluate(max_batches: int | None = None) -> float:
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise ValueError(
+                "This stage's evaluation (a search on validation data) runs on one process, not "
+                f"{torch.distributed.get_world_size()}: run this stage with --trainer.devices 1 (the stages before and "
+                "after it may use more; resume with --stage NAME)."
+            )
+        batches = (
+            first(max_batches) if max_batches is not None else (b.to(task.device) for b in datamodule.val_dataloader())
+        )
         was_training = task.training
         task.eval()
+        scores, labels = [], []
         with torch.no_grad():
-            scores = torch.cat([task(b).float() for b in batches])
+            for batch in batches:
+                scores.append(task(batch).float())
+                labels.append(batch.labels.long())
         task.train(was_training)
-        labels = torch.cat([b.labels for b in batches]).long()
-        return float(binary_auroc(scores, labels))
+        if not scores:
+            raise ValueError("The stage's evaluation needs validation data: the datamodule's val split is empty.")
+        return float(binary_auroc(torch.cat(scores), torch.cat(labels)))
 
     return evaluate
 

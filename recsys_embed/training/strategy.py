@@ -15,8 +15,9 @@ and multi-node environments) and replaces the model wrapping:
   layers, loops, optimizers; written by rank 0) and a ``<ckpt>.shards/`` folder beside it where every rank writes
   only its own shards of the tables and their fused optimizer state (``torch.distributed.checkpoint``, see
   ``training/distributed_checkpoint.py``); ``checkpoint_format="consolidated"`` (and one rank) gathers the tables
-  into the one file instead (``training/sharded_state.py``). Either loads exactly on any number of ranks and any
-  sharding plan; a one-file checkpoint also without this strategy.
+  into the one file instead (``training/sharded_state.py``). Either loads on any number of ranks and any sharding
+  plan (weights exactly; a column-split row-wise optimizer state exactly for the same split, else as the
+  width-weighted mean); a one-file checkpoint also without this strategy.
 
 Any LightningModule with a ``net`` (the model holding the TorchRec tables) and a ``sparse_optimizer``
 (:class:`~recsys_embed.methods.SparseOptimizer`) works; :class:`~recsys_embed.training.CTRTask` is one.
