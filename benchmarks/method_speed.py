@@ -47,12 +47,12 @@ def make_step(embedding: nn.Module, fused: bool, dim_out: int) -> Callable[[Batc
     else:
         sparse = []
         for module in model.modules():
-            if isinstance(module, nn.EmbeddingBag):
+            if isinstance(module, (nn.EmbeddingBag, nn.Embedding)):  # pooled and unpooled (per-id) tables
                 module.sparse = True
                 sparse.append(module.weight)
         ids = {id(p) for p in sparse}
         dense = [p for p in model.parameters() if id(p) not in ids]
-        optimizers = [torch.optim.Adagrad(sparse, lr=0.05)] + ([torch.optim.Adagrad(dense, lr=0.05)] if dense else [])
+        optimizers = [torch.optim.Adagrad(group, lr=0.05) for group in (sparse, dense) if group]
 
     def step(batch: Batch) -> None:
         logits = head(embedding(batch.sparse_features).values()).squeeze(1)
