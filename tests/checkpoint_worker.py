@@ -215,8 +215,9 @@ def owners(net: nn.Module, rank: int, world: int) -> dict[str, list[tuple[int, l
     return found
 
 
-def error_messages(net: nn.Module, saved: dict[str, Any], folder: Path) -> dict[str, str]:
-    """The messages of loading states with one unexpected or one missing entry, and shards into another model."""
+def error_messages(net: nn.Module, saved: dict[str, Any], folder: Path) -> list[dict[str, str]]:
+    """Every rank's messages of loading states with one unexpected or one missing entry or one of another shape,
+    and shards into another model (each attempt after the last: a rank that went on alone would hang or mismatch)."""
     weights, optimizer = saved["weights"], saved["optimizer"]
     path = next(iter(optimizer))
     attempts = {
@@ -227,6 +228,9 @@ def error_messages(net: nn.Module, saved: dict[str, Any], folder: Path) -> dict[
         ),
         "optimizer_missing": lambda: load_sharded_optimizer_state(
             net, {p: s for p, s in optimizer.items() if p != path}
+        ),
+        "optimizer_other_shape": lambda: load_sharded_optimizer_state(  # t0 is on one rank only (table-wise)
+            net, {**optimizer, path: {**optimizer[path], "t0.0": torch.zeros(TABLES[0], 8)}}
         ),
         "shards_other_model": lambda: load_sharded_checkpoint(
             shard("mixed", make_tables(TABLES), "table_wise"), folder
@@ -242,7 +246,9 @@ def error_messages(net: nn.Module, saved: dict[str, Any], folder: Path) -> dict[
             messages[name] = "no error"
         except ValueError as error:
             messages[name] = str(error)
-    return messages
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, messages)
+    return everyone
 
 
 def lightning_trainer(strategy: Any = "auto", world: int = 1) -> pl.Trainer:
@@ -273,11 +279,51 @@ def lightning_runs(data_dir: str, out_dir: Path, world: int) -> None:
         trainer.save_checkpoint(out_dir / name)
         if ckpt_path is None:
             trainer.save_checkpoint(out_dir / "removed.ckpt")
+            if trainer.is_global_zero:  # what crashed saves of earlier versions and of this one leave behind
+                (out_dir / "removed.ckpt.shards.tmp").mkdir()
+                (out_dir / "removed.ckpt.shards-0123456789ab").mkdir()
+            trainer.strategy.barrier()
             trainer.strategy.remove_checkpoint(out_dir / "removed.ckpt")
             strategy.checkpoint_format = "consolidated"
             trainer.save_checkpoint(out_dir / "lightning.consolidated.ckpt")
             strategy.checkpoint_format = "sharded"
+        else:
+            crashed_saves(trainer, out_dir)
         trainer.strategy.barrier()
+
+
+def crashed_saves(trainer: pl.Trainer, out_dir: Path) -> None:
+    """``crash.ckpt`` and ``stale.ckpt`` saved, the tables changed, then saves of both that crash after the shards
+    are written, before the file: ``crash.ckpt`` must still load as saved. Then ``stale.ckpt`` (beside a crashed
+    save's folder and an earlier version's staging folder) is saved again; ``crash.json`` lists the folders."""
+    for name in ("crash.ckpt", "stale.ckpt"):
+        trainer.save_checkpoint(out_dir / name)
+    with torch.no_grad():
+        for value in trainer.lightning_module.net.state_dict().values():
+            if isinstance(value, ShardedTensor):
+                for piece in value.local_shards():
+                    piece.tensor.add_(1.0)
+    io = trainer.strategy.checkpoint_io
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise OSError("simulated crash before the checkpoint file is written")
+
+    io.save_checkpoint = crash  # type: ignore[method-assign]  # rank 0 writes the file
+    for name in ("crash.ckpt", "stale.ckpt"):
+        try:
+            trainer.save_checkpoint(out_dir / name)
+        except OSError:  # rank 0 only: it meets the other ranks at the barrier its save did not reach
+            trainer.strategy.barrier()
+    del io.save_checkpoint
+    folders = lambda name: sorted(p.name for p in out_dir.glob(f"{name}.shards*"))  # noqa: E731
+    listing = {"crashed": folders("crash.ckpt")}
+    if trainer.is_global_zero:
+        (out_dir / "stale.ckpt.shards.tmp").mkdir()
+    trainer.strategy.barrier()
+    trainer.save_checkpoint(out_dir / "stale.ckpt")
+    listing["saved_again"] = folders("stale.ckpt")
+    if trainer.is_global_zero:
+        (out_dir / "crash.json").write_text(json.dumps(listing))
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from torch.distributed._shard.metadata import ShardMetadata
 from recsys_embed.data import CTRDataModule
 from recsys_embed.methods import Budget
 from recsys_embed.methods.fused import FusedTables, fuse_tables
-from recsys_embed.training import CTRTask, EmbeddingSpec, TorchRecStrategy
+from recsys_embed.training import CTRTask, EmbeddingSpec, TorchRecStrategy, distributed_checkpoint
 from recsys_embed.training.distributed_checkpoint import (
     SHARDS_KEY,
     check_block_widths,
@@ -33,6 +33,7 @@ from recsys_embed.training.distributed_checkpoint import (
     consolidated_checkpoint,
     main,
     read_sharded_state,
+    remove_checkpoints,
 )
 from recsys_embed.training.planning import _column_constraints
 from recsys_embed.training.sharded_state import load_fused_optimizer_state, load_sharded_state
@@ -133,7 +134,9 @@ def test_state_saved_on_two_processes_reloads_into_two_exactly(saved: Path, case
 
 
 def test_loading_shards_from_a_state_with_other_entries_is_a_clear_error(saved: Path) -> None:
-    errors = json.loads((saved / "errors.json").read_text())
+    ranks = json.loads((saved / "errors.json").read_text())
+    assert len(ranks) == 2 and ranks[0] == ranks[1]  # every rank raised alike (none went on alone)
+    errors = ranks[0]
     assert "1 unexpected (first: ['emb.extra.weight'])" in errors["weights_unexpected"]
     assert "1 missing entries (first: ['emb.tables.embedding_bags.t0.weight'])" in errors["weights_missing"]
     assert "1 unexpected (first: ['emb.tables/t9.0'])" in errors["optimizer_unexpected"]
@@ -144,6 +147,11 @@ def test_loading_shards_from_a_state_with_other_entries_is_a_clear_error(saved: 
         r"emb.tables.embedding_bags.t0.weight, saved \(7, 8\), model \(8, 8\)\)",
         errors["shards_other_shapes"],
     ), errors["shards_other_shapes"]
+    assert re.search(  # the bug: only the rank holding t0 raised; the other went on to the next collective
+        r"1 entries of the fused optimizer state have other shapes than the model's \(first: emb.tables/t0.0, saved "
+        r"\(7, 8\), model \(7,\)\)",
+        errors["optimizer_other_shape"],
+    ), errors["optimizer_other_shape"]
     assert all("load it into the model that wrote it" in message.lower() for message in errors.values())
 
 
@@ -155,7 +163,7 @@ def test_loading_fused_state_with_other_entries_or_shapes_on_one_process_is_a_cl
     with pytest.raises(ValueError, match=r"1 missing entries \(first: \['emb.tables/t0.0'\]\)"):
         load_fused_optimizer_state(net, {"emb.tables": {k: v for k, v in state["emb.tables"].items() if k != "t0.0"}})
     doubled = {"emb.tables": {**state["emb.tables"], "t0.0": torch.zeros(14)}}  # the old column-wise layout
-    with pytest.raises(ValueError, match=r"emb.tables/t0.0 has shape \(14,\), the table expects \(7,\)"):
+    with pytest.raises(ValueError, match=r"other shapes.*\(first: emb.tables/t0.0, saved \(14,\), model \(7,\)\)"):
         load_fused_optimizer_state(net, doubled)
 
 
@@ -167,12 +175,39 @@ def assert_same_checkpoint_state(got: dict[str, Any], expected: dict[str, Any]) 
 def test_a_two_process_lightning_checkpoint_keeps_each_ranks_shards_beside_the_file(saved: Path) -> None:
     """The file holds the dense layers only; the tables and their fused optimizer state are in the folder."""
     file = torch.load(saved / "lightning.ckpt", weights_only=False)
-    assert file[SHARDS_KEY] == "lightning.ckpt.shards"
+    assert re.fullmatch(r"lightning\.ckpt\.shards-[0-9a-f]{12}", file[SHARDS_KEY]), file[SHARDS_KEY]
+    assert [p.name for p in saved.glob("lightning.ckpt.*")] == [file[SHARDS_KEY]]  # a new folder each save
     assert "fused_optimizer_state" not in file and "fused_optimizer_column_shards" not in file
     assert not any(".embedding_bags." in key for key in file["state_dict"]) and file["state_dict"]
-    names = {p.name for p in (saved / "lightning.ckpt.shards").iterdir()}
+    names = {p.name for p in (saved / file[SHARDS_KEY]).iterdir()}
     assert names == {".metadata", "__0_0.distcp", "__1_0.distcp"}
-    assert not (saved / "removed.ckpt").exists() and not (saved / "removed.ckpt.shards").exists()
+    assert not list(saved.glob("removed.ckpt*"))  # with the folders crashed saves left beside it
+
+
+def test_a_save_that_crashes_before_its_file_leaves_the_previous_checkpoint_whole(saved: Path) -> None:
+    """The bug: the new shards replaced the folder the old file names, so the old file loaded the new tables."""
+    resumed = consolidated_checkpoint(saved / "lightning.resumed.ckpt")
+    assert_same_checkpoint_state(consolidated_checkpoint(saved / "crash.ckpt"), resumed)  # as saved before
+    listing = json.loads((saved / "crash.json").read_text())
+    named = torch.load(saved / "crash.ckpt", weights_only=False)[SHARDS_KEY]
+    assert len(listing["crashed"]) == 2 and named in listing["crashed"]  # and the crashed save's own, unnamed
+
+
+def test_the_next_save_removes_the_folders_of_crashed_saves(saved: Path) -> None:
+    listing = json.loads((saved / "crash.json").read_text())
+    assert listing["saved_again"] == [torch.load(saved / "stale.ckpt", weights_only=False)[SHARDS_KEY]]
+
+
+def test_a_stage_folder_cleanup_removes_every_checkpoint_and_shards_folder(tmp_path: Path) -> None:
+    """Also the folders of a crashed first save, whose file was never written."""
+    for name in ("last.ckpt", "final.ckpt"):
+        (tmp_path / name).write_bytes(b"")
+    for name in ("last.ckpt.shards-0123456789ab", "last.ckpt.shards.tmp", "never.ckpt.shards-0123456789ab"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".metadata").write_bytes(b"")
+    (tmp_path / "stages.json").write_text("{}")
+    remove_checkpoints(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["stages.json"]
 
 
 def test_a_sharded_lightning_checkpoint_consolidates_into_the_one_file_export(saved: Path, tmp_path: Path) -> None:
@@ -239,10 +274,12 @@ def test_a_sharded_checkpoint_resumes_and_predicts_exactly_on_one_process_with_t
 def test_a_sharded_checkpoint_without_the_torchrec_strategy_or_without_its_folder_is_a_clear_error(
     saved: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(ValueError, match=r"keeps its tables in the folder 'lightning.ckpt.shards'.*consolidate it"):
+    with pytest.raises(
+        ValueError, match=r"keeps its tables in the folder 'lightning\.ckpt\.shards-[0-9a-f]+'.*consolid"
+    ):
         CTRTask.load_from_checkpoint(saved / "lightning.ckpt", map_location="cpu")
     (tmp_path / "lightning.ckpt").write_bytes((saved / "lightning.ckpt").read_bytes())  # the file alone
-    with pytest.raises(ValueError, match=r"lightning.ckpt.shards \(its .metadata is missing\).*Copy the folder"):
+    with pytest.raises(ValueError, match=r"lightning\.ckpt\.shards-[0-9a-f]+ \(its .metadata is missing\).*Copy the"):
         consolidate_checkpoint(tmp_path / "lightning.ckpt", tmp_path / "one.ckpt")
     with pytest.raises(ValueError, match="Write the consolidated checkpoint to another file"):
         consolidate_checkpoint(saved / "lightning.ckpt", saved / "lightning.ckpt")
@@ -314,3 +351,26 @@ def test_a_dense_entry_of_another_shape_is_a_clear_error_not_a_broadcast() -> No
     state = {"weight": torch.zeros(3), "bias": torch.zeros(2)}  # (3,) would broadcast into (2, 3)
     with pytest.raises(ValueError, match=r"weight: saved shape \(3,\), the model's \(2, 3\)"):
         load_sharded_state(layer, state)
+
+
+def test_a_model_that_sharded_checkpoints_cannot_hold_fails_at_setup_not_at_its_first_checkpoint(
+    tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check ran only at the first save (possibly hours in); now setup fails before any step. Dims and column
+    shards are multiples of 4 already (fbgemm, ``column_shard_dim``), so 16-column blocks stand in for a layout the
+    blocks do not fit, and one process for several (``writes_shards``: what two ranks would give)."""
+    monkeypatch.setattr(TorchRecStrategy, "writes_shards", property(lambda self: True))
+    monkeypatch.setattr(distributed_checkpoint, "BLOCK", 16)
+    data = CTRDataModule(data_dir=str(tiny_dataset), batch_size=64)
+    task = CTRTask(data.cardinalities, data.num_dense, 8, EmbeddingSpec("full"))
+    trainer = lightning_trainer(strategy=TorchRecStrategy(sharding_types=["table_wise"]))
+    environment = dict(os.environ)  # as in the test above: later spawned ranks must not see Lightning's exports
+    try:
+        with pytest.raises(ValueError, match=r"dim 8 with column shards \[8\].*multiples of 16.*'consolidated'"):
+            trainer.fit(task, datamodule=data)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+    assert trainer.global_step == 0

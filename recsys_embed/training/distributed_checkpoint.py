@@ -1,10 +1,11 @@
 """Sharded checkpoints written by every rank: ``torch.distributed.checkpoint`` (DCP) for TorchRec tables.
 
 :func:`save_sharded_state` writes the sharded tables' weights and fused optimizer state with ``dcp.save`` into a
-folder (``<ckpt>.shards/``): each rank writes only its own shards (``__{rank}_0.distcp``, rank 0 also the
-``.metadata``), so no rank gathers the whole model. :func:`load_sharded_checkpoint` reads them into a model sharded
-on any number of ranks with any plan (DCP reshards by offsets), and :func:`read_sharded_state` on one process with no
-process group, as the consolidated export of :mod:`~recsys_embed.training.sharded_state`.
+folder (``<ckpt>.shards-<token>/``, a new one each save: :func:`save_checkpoint_shards`): each rank writes only its
+own shards (``__{rank}_0.distcp``, rank 0 also the ``.metadata``), so no rank gathers the whole model.
+:func:`load_sharded_checkpoint` reads them into a model sharded on any number of ranks with any plan (DCP reshards by
+offsets), and :func:`read_sharded_state` on one process with no process group, as the consolidated export of
+:mod:`~recsys_embed.training.sharded_state`.
 
 Every saved tensor has a plan-independent shape. Weights and element-wise optimizer states (Adagrad's
 ``[rows, dim]``) are TorchRec's own sharded tensors. A row-wise state (row-wise Adagrad's accumulator) is kept per
@@ -17,15 +18,17 @@ column split and for one process (the width-weighted mean the consolidated expor
 
 Example::
 
-    save_sharded_state(net, "runs/x/last.ckpt.shards")  # every rank; net: DistributedModelParallel
-    load_sharded_checkpoint(other, "runs/x/last.ckpt.shards")  # any world size, any CPU sharding type
-    weights, optimizer, column_shards = read_sharded_state("runs/x/last.ckpt.shards")  # one process
+    name = save_checkpoint_shards(net, "runs/x/last.ckpt")  # every rank; net: DistributedModelParallel
+    load_sharded_checkpoint(other, f"runs/x/{name}")  # any world size, any CPU sharding type
+    weights, optimizer, column_shards = read_sharded_state(f"runs/x/{name}")  # one process
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import shutil
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -46,6 +49,7 @@ from recsys_embed.training.sharded_state import (
     _column_mean,
     _local_places,
     _optimizer_states,
+    check_saved_shapes,
     copy_same_shape,
 )
 
@@ -55,12 +59,6 @@ BLOCK = 4
 ELEMENT_WISE, ROW_WISE = "fused_optimizer", "fused_optimizer_blocks"
 #: the checkpoint entry naming the shards folder (relative to the checkpoint file) of a sharded checkpoint
 SHARDS_KEY = "sharded_tables"
-
-
-def shards_folder(checkpoint: str | Path) -> Path:
-    """Where the shards of the checkpoint file ``checkpoint`` go: ``<checkpoint>.shards`` beside it."""
-    path = Path(checkpoint)
-    return path.with_name(path.name + ".shards")
 
 
 def _block_offsets(dim: int) -> torch.Tensor:
@@ -76,6 +74,14 @@ def check_block_widths(weight: ShardedTensor) -> None:
             f"A table of dim {dim} with column shards {sorted(widths)} wide: sharded checkpoints need dims and column "
             f"shards in multiples of {BLOCK}; use checkpoint_format='consolidated' for this model."
         )
+
+
+def check_sharded_layout(net: DistributedModelParallel) -> None:
+    """Whether sharded checkpoints can hold ``net``: :func:`check_block_widths` for every sharded table (called at
+    setup, so that a model they cannot hold fails before training, not at its first checkpoint)."""
+    for weight in net.state_dict().values():
+        if isinstance(weight, ShardedTensor):
+            check_block_widths(weight)
 
 
 def _row_wise_blocks(weight: ShardedTensor, state: ShardedTensor) -> ShardedTensor:
@@ -110,34 +116,61 @@ def sharded_state_dict(net: DistributedModelParallel, prefix: str = "") -> dict[
     """What :func:`save_sharded_state` writes: the sharded weights (``prefix`` + their state-dict key) and the fused
     optimizer states (``fused_optimizer/{prefix}{path}/{table}.{i}``, row-wise ones as column blocks)."""
     out: dict[str, ShardedTensor] = {prefix + k: v for k, v in net.state_dict().items() if isinstance(v, ShardedTensor)}
-    for weight in out.values():
-        check_block_widths(weight)
+    check_sharded_layout(net)
     for key, state, weight in _fused_entries(net, prefix):
         out[key] = _row_wise_blocks(weight, state) if key.startswith(ROW_WISE) else state
     return out
 
 
 def save_sharded_state(net: DistributedModelParallel, folder: str | Path, prefix: str = "") -> None:
-    """Write this rank's shards of ``net`` into ``folder`` (a collective: every rank calls it). Written into
-    ``folder.tmp`` first and moved into place by rank 0 once every rank is done, so a crash leaves the old one."""
+    """Write this rank's shards of ``net`` into ``folder`` (a collective: every rank calls it; an existing
+    ``folder`` is replaced). A checkpoint names a new folder each save (see :func:`save_checkpoint_shards`), so a
+    crash mid-save never touches the folder its file names."""
     folder = Path(folder)
-    staging = folder.with_name(folder.name + ".tmp")
-    if dist.get_rank() == 0 and staging.exists():
-        shutil.rmtree(staging)
+    if dist.get_rank() == 0 and folder.exists():
+        shutil.rmtree(folder)
     dist.barrier()
-    dcp.save(sharded_state_dict(net, prefix), storage_writer=dcp.FileSystemWriter(staging))
-    if dist.get_rank() == 0:
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+    dcp.save(sharded_state_dict(net, prefix), storage_writer=dcp.FileSystemWriter(folder))
     dist.barrier()
+
+
+def save_checkpoint_shards(net: DistributedModelParallel, checkpoint: str | Path, prefix: str = "") -> str:
+    """Write ``net``'s shards for the checkpoint file ``checkpoint`` into a new folder beside it,
+    ``<checkpoint>.shards-<token>`` (a collective; rank 0 draws the token), and return that folder's name for the
+    file to record. The file, written afterwards, is the commit: until it is in place the previous file still names
+    its own, untouched folder; :func:`remove_stale_shards` then deletes the others."""
+    token = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    folder = Path(checkpoint).with_name(f"{Path(checkpoint).name}.shards-{token[0]}")
+    save_sharded_state(net, folder, prefix)
+    return folder.name
+
+
+def _shards_folders(checkpoint: str | Path) -> list[Path]:
+    """Every shards folder of the checkpoint file ``checkpoint``: ``<name>.shards-<token>``, and the layouts of
+    earlier versions (``<name>.shards`` and its ``.tmp`` staging folder)."""
+    path = Path(checkpoint)
+    names = (f"{path.name}.shards", f"{path.name}.shards.tmp")
+    return [
+        p
+        for p in path.parent.glob(f"{glob.escape(path.name)}.shards*")
+        if p.is_dir() and (p.name in names or p.name.startswith(f"{path.name}.shards-"))
+    ]
+
+
+def remove_stale_shards(checkpoint: str | Path, keep: str | None = None) -> None:
+    """Delete the shards folders of ``checkpoint`` but ``keep`` (the one its file names): those of earlier saves
+    and those a crashed save left behind."""
+    for folder in _shards_folders(checkpoint):
+        if folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _saved_entries(folder: Path) -> dict[str, TensorStorageMetadata]:
     if not (folder / ".metadata").is_file():
         raise ValueError(
             f"No sharded checkpoint in {folder} (its .metadata is missing): the checkpoint file was copied without "
-            "its .shards folder, or the save did not finish. Copy the folder beside the file, or save again."
+            "its shards folder, or the save did not finish. Copy the folder beside the file, or save again."
         )
     saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
     return {k: v for k, v in saved.items() if isinstance(v, TensorStorageMetadata)}
@@ -149,25 +182,8 @@ def load_sharded_checkpoint(net: DistributedModelParallel, folder: str | Path, p
     folder = Path(folder)
     saved = _saved_entries(folder)
     targets = sharded_state_dict(net, prefix)
-    shapes = {key: tuple(target.size()) for key, target in targets.items()}
-    if dist.is_initialized():  # a rank holds only some tables' optimizer states: check all (so all raise alike)
-        everyone: list[dict[str, tuple[int, ...]]] = [{}] * dist.get_world_size()
-        dist.all_gather_object(everyone, shapes)
-        shapes = {key: shape for rank_shapes in everyone for key, shape in rank_shapes.items()}
-    missing, unexpected = sorted(set(shapes) - set(saved)), sorted(set(saved) - set(shapes))
-    if missing or unexpected:
-        raise ValueError(
-            f"The sharded checkpoint {folder} does not match the model: {len(missing)} missing entries (first: "
-            f"{missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]}). It was written by another "
-            "model or method configuration: load it into the model that wrote it."
-        )
-    wrong = sorted(key for key, shape in shapes.items() if tuple(saved[key].size) != shape)
-    if wrong:
-        raise ValueError(
-            f"{len(wrong)} entries of the sharded checkpoint {folder} have other shapes than the model's (first: "
-            f"{wrong[0]}, saved {tuple(saved[wrong[0]].size)}, model {shapes[wrong[0]]}): it was written with other "
-            "tables or another sparse optimizer. Load it into the model that wrote it."
-        )
+    model = {key: tuple(target.size()) for key, target in targets.items()}
+    check_saved_shapes(f"the sharded checkpoint {folder}", {k: tuple(v.size) for k, v in saved.items()}, model)
     dcp.load(targets, storage_reader=dcp.FileSystemReader(folder))  # weights and element-wise states in place
     states = {key: (state, weight) for key, state, weight in _fused_entries(net, prefix)}
     with torch.no_grad():
@@ -262,9 +278,20 @@ def consolidate_checkpoint(path: str | Path, out: str | Path) -> None:
 
 
 def remove_checkpoint(path: str | Path) -> None:
-    """Delete a checkpoint file and its shards folder, if any."""
+    """Delete a checkpoint file and its shards folders, if any (those of crashed saves too)."""
     Path(path).unlink(missing_ok=True)
-    shutil.rmtree(shards_folder(path), ignore_errors=True)
+    remove_stale_shards(path)
+
+
+def remove_checkpoints(folder: str | Path) -> None:
+    """Delete every checkpoint file (``*.ckpt``) in ``folder`` and every shards folder, also those of a crashed
+    first save (whose file was never written)."""
+    folder = Path(folder)
+    for path in folder.glob("*.ckpt"):
+        remove_checkpoint(path)
+    for path in folder.glob("*.ckpt.shards*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -220,21 +220,16 @@ def load_sharded_optimizer_state(
     any sharding plan: each column shard's row-wise accumulator from ``column_shards`` when saved (exact for the
     same split), else from the unsharded layout."""
     targets = _optimizer_states(module)
-    entries = [{(prefix + path, key) for path, key, _, _ in targets}]
-    if dist.is_initialized():  # a rank holds only some tables: compare with all ranks' (so all raise alike)
-        entries = [set()] * dist.get_world_size()
-        dist.all_gather_object(entries, {(prefix + path, key) for path, key, _, _ in targets})
-    _check_entries(saved, set().union(*entries))
+    model = {
+        f"{prefix + path}/{key}": (weight.size(0),) if state.dim() == 1 else tuple(weight.size())
+        for path, key, state, weight in targets
+    }
+    saved_shapes = {f"{path}/{key}": tuple(v.shape) for path, states in saved.items() for key, v in states.items()}
+    check_saved_shapes("the fused optimizer state", saved_shapes, model)  # on every rank alike
     with torch.no_grad():
         for path, key, state, weight in targets:
             source = saved[prefix + path][key]
             rows, dim = weight.size()
-            expected = (rows,) if state.dim() == 1 else (rows, dim)
-            if tuple(source.shape) != expected:
-                raise ValueError(
-                    f"Fused optimizer state {prefix + path}/{key} has shape {tuple(source.shape)}, the sharded table "
-                    f"expects {expected}: it was written with other tables or another sparse optimizer."
-                )
             split = (column_shards or {}).get(prefix + path, {}).get(key)
             offsets, values = (torch.tensor([0, dim]), source[None])  # one range: the whole row
             if split is not None:
@@ -251,24 +246,41 @@ def load_fused_optimizer_state(module: nn.Module, saved: Mapping[str, Mapping[st
     saved collections, entries and shapes are this model's."""
     fused = {name: m for name, m in module.named_modules() if isinstance(m, FusedTables)}
     current = {name: m.optimizer_state() for name, m in fused.items()}
-    _check_entries(saved, {(name, key) for name, states in current.items() for key in states})
-    for name, states in current.items():
-        for key, value in states.items():
-            if tuple(saved[name][key].shape) != tuple(value.shape):
-                raise ValueError(
-                    f"Fused optimizer state {name}/{key} has shape {tuple(saved[name][key].shape)}, the table "
-                    f"expects {tuple(value.shape)}: it was written with other tables or another sparse optimizer."
-                )
+    model = {f"{name}/{key}": tuple(v.shape) for name, states in current.items() for key, v in states.items()}
+    saved_shapes = {f"{path}/{key}": tuple(v.shape) for path, states in saved.items() for key, v in states.items()}
+    check_saved_shapes("the fused optimizer state", saved_shapes, model, gather=False)
+    for name in current:
         fused[name].load_optimizer_state(dict(saved[name]))
 
 
-def _check_entries(saved: Mapping[str, Mapping[str, torch.Tensor]], expected: set[tuple[str, str]]) -> None:
-    have = {(path, key) for path, states in saved.items() for key in states}
-    missing, unexpected = sorted(expected - have), sorted(have - expected)
+def check_saved_shapes(
+    what: str, saved: Mapping[str, Sequence[int]], model: Mapping[str, Sequence[int]], gather: bool = True
+) -> None:
+    """Check that a saved state (``{key: shape}``) has exactly the model's entries and shapes, else raise one
+    ``ValueError`` naming ``what``. A rank holds only some tables' states, so with ``gather`` (and a process group)
+    the model's ``{key: shape}`` of every rank is gathered first: every rank checks the same and raises alike (a
+    rank raising alone would leave the others waiting in the next collective).
+
+    Example::
+
+        check_saved_shapes("the sharded checkpoint x.shards", {"t0": (7, 8)}, {"t0": (7, 8)})  # passes
+    """
+    shapes = {key: tuple(shape) for key, shape in model.items()}
+    if gather and dist.is_initialized():
+        everyone: list[dict[str, tuple[int, ...]]] = [{}] * dist.get_world_size()
+        dist.all_gather_object(everyone, shapes)
+        shapes = {key: shape for rank_shapes in everyone for key, shape in rank_shapes.items()}
+    missing, unexpected = sorted(set(shapes) - set(saved)), sorted(set(saved) - set(shapes))
     if missing or unexpected:
-        name = lambda entries: [f"{p}/{k}" for p, k in entries[:3]]  # noqa: E731
         raise ValueError(
-            f"The fused optimizer state does not match the model's tables: {len(missing)} missing entries (first: "
-            f"{name(missing)}), {len(unexpected)} unexpected (first: {name(unexpected)}). It was written with other "
-            "tables, another method or another sparse optimizer: load it into the model that wrote it."
+            f"{what[:1].upper() + what[1:]} does not match the model: {len(missing)} missing entries (first: "
+            f"{missing[:3]}), {len(unexpected)} unexpected (first: {unexpected[:3]}). It was written by another "
+            "model, method or sparse optimizer: load it into the model that wrote it."
+        )
+    wrong = sorted(key for key, shape in shapes.items() if tuple(saved[key]) != shape)
+    if wrong:
+        raise ValueError(
+            f"{len(wrong)} entries of {what} have other shapes than the model's (first: {wrong[0]}, saved "
+            f"{tuple(saved[wrong[0]])}, model {shapes[wrong[0]]}): it was written with other tables or another "
+            "sparse optimizer. Load it into the model that wrote it."
         )

@@ -45,7 +45,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from recsys_embed.methods import Stage
 from recsys_embed.training.ctr_task import CTRTask
-from recsys_embed.training.distributed_checkpoint import remove_checkpoint
+from recsys_embed.training.distributed_checkpoint import remove_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,7 @@ class StageState:
     def reset(self, name: str) -> None:
         """Forget a stage (it reruns from its start): pending, no time, its checkpoint files removed."""
         self.data["stages"][name] = {"status": "pending", "time_s": 0.0, "steps": 0}
-        for old in (self.folder / name).glob("*.ckpt"):
-            remove_checkpoint(old)  # and its shards folder, if a sharded run wrote it
+        remove_checkpoints(self.folder / name)  # and their shards folders, if a sharded run wrote them
 
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -249,8 +248,7 @@ def run_stages(
             resumed_from = _checkpoint_step(resume)
             log.info("Stage %r: resuming from %s (step %d)", stage.name, resume, resumed_from)
         else:
-            for old in stage_dir.glob("*.ckpt"):  # a stage started afresh leaves no files of an earlier try
-                remove_checkpoint(old)
+            remove_checkpoints(stage_dir)  # a stage started afresh leaves no files of an earlier try
             if index > 0:
                 task = task.from_checkpoint(folder / names[index - 1] / FINAL_CHECKPOINT)
                 task.advance_stage()

@@ -12,8 +12,9 @@ and multi-node environments) and replaces the model wrapping:
 * the data module slices each global batch per rank (see ``ParquetBatches``), so every rank gets its own rows and
   the same number of batches;
 * checkpoints on several ranks (``checkpoint_format="sharded"``, the default) are the ``.ckpt`` file (dense
-  layers, loops, optimizers; written by rank 0) and a ``<ckpt>.shards/`` folder beside it where every rank writes
-  only its own shards of the tables and their fused optimizer state (``torch.distributed.checkpoint``, see
+  layers, loops, optimizers; written by rank 0) and a ``<ckpt>.shards-<token>/`` folder beside it (named in the
+  file, a new one each save, the old one deleted once the file is in place) where every rank writes only its own
+  shards of the tables and their fused optimizer state (``torch.distributed.checkpoint``, see
   ``training/distributed_checkpoint.py``); ``checkpoint_format="consolidated"`` (and one rank) gathers the tables
   into the one file instead (``training/sharded_state.py``). Either loads on any number of ranks and any sharding
   plan (weights exactly; a column-split row-wise optimizer state exactly for the same split, else as the
@@ -47,11 +48,12 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from recsys_embed.methods.storage import SparseOptimizer
 from recsys_embed.training.distributed_checkpoint import (
     SHARDS_KEY,
+    check_sharded_layout,
     load_dense_state,
     load_sharded_checkpoint,
     remove_checkpoint,
-    save_sharded_state,
-    shards_folder,
+    remove_stale_shards,
+    save_checkpoint_shards,
 )
 from recsys_embed.training.sharding import (
     allowed_sharding_types,
@@ -75,7 +77,7 @@ class TorchRecStrategy(DDPStrategy):
             ``row_wise``).
         memory_cap_bytes: table storage per rank the planner may use (host memory on CPU, HBM on CUDA); default:
             the planner's own topology defaults. A plan that does not fit fails on every rank with its message.
-        checkpoint_format: ``"sharded"`` (every rank writes its own shards into ``<ckpt>.shards/``; on one rank,
+        checkpoint_format: ``"sharded"`` (every rank writes its own shards into ``<ckpt>.shards-<token>/``; one rank:
             the same as consolidated) or ``"consolidated"`` (rank 0 gathers the whole model into the file).
         column_shard_dim: the width of column-wise shards (a multiple of 4 dividing the tables' dims; default
             TorchRec's 128, so narrower tables stay whole under column-wise sharding).
@@ -135,6 +137,8 @@ class TorchRecStrategy(DDPStrategy):
                 memory_cap_bytes=self.memory_cap_bytes,
                 column_shard_dim=self.column_shard_dim,
             )
+        if self.writes_shards:  # fail now, not at the first checkpoint (hours in)
+            check_sharded_layout(module.net)
         self.model_to_device()  # after sharding: the whole tables never sit on one device
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -148,12 +152,16 @@ class TorchRecStrategy(DDPStrategy):
         return consolidated_state_dict(self.lightning_module)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """With sharded checkpoints, every rank first writes its shards into ``<filepath>.shards/``."""
-        if self.writes_shards:
-            folder = shards_folder(filepath)
-            save_sharded_state(self.lightning_module.net, folder, prefix="net.")
-            checkpoint[SHARDS_KEY] = folder.name
+        """With sharded checkpoints, every rank first writes its shards into a new ``<filepath>.shards-<token>/``,
+        then rank 0 the file naming it; only then are the previous folder and any left by a crashed save deleted,
+        so a crash at any point leaves a file and the folder it names."""
+        if not self.writes_shards:
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            return
+        checkpoint[SHARDS_KEY] = save_checkpoint_shards(self.lightning_module.net, filepath, prefix="net.")
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if self.is_global_zero:
+            remove_stale_shards(filepath, keep=checkpoint[SHARDS_KEY])
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Load the file; a sharded checkpoint's tables and fused optimizer state go straight into the shards."""
