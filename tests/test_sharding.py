@@ -24,7 +24,7 @@ from recsys_embed.data import CTRDataModule
 from recsys_embed.methods import SparseOptimizer, available_methods, build_embedding
 from recsys_embed.methods.fused import fuse_tables
 from recsys_embed.training import CTRTask, TorchRecStrategy, shard_model
-from recsys_embed.training.distributed_checkpoint import consolidate_checkpoint, consolidated_checkpoint
+from recsys_embed.training.distributed_checkpoint import SHARDS_KEY, consolidate_checkpoint, consolidated_checkpoint
 from recsys_embed.training.sharding import _in_key_order, allowed_sharding_types
 from tests.conftest import make_tables
 from tests.sharded_worker import METHODS, MIXED_SHARDING, MIXED_STEPS
@@ -105,7 +105,8 @@ def test_two_ranks_give_the_losses_of_one_on_the_same_global_batches(runs: dict[
 def test_a_checkpoint_saved_on_two_ranks_loads_on_one(
     runs: dict[int, Path], method: str, tiny_dataset: Path, tmp_path: Path
 ) -> None:
-    assert (runs[2] / f"{method}.ckpt.shards" / ".metadata").is_file()  # each rank wrote its own shards
+    named = torch.load(runs[2] / f"{method}.ckpt", weights_only=False)[SHARDS_KEY]
+    assert (runs[2] / named / ".metadata").is_file()  # each rank wrote its own shards
     consolidate_checkpoint(runs[2] / f"{method}.ckpt", tmp_path / "one.ckpt")
     task = CTRTask.load_from_checkpoint(tmp_path / "one.ckpt", map_location="cpu")  # plain, unfused tables
     batch = next(iter(CTRDataModule(data_dir=str(tiny_dataset), eval_batch_size=500).val_dataloader()))
@@ -171,7 +172,9 @@ def test_cli_fit_on_two_processes_prints_the_plan_and_tests_the_checkpoint(tmp_p
     assert "table_wise -> rank" in result.stderr and "memory per rank" in result.stderr
     assert "test/auc" in result.stdout
     (last,) = tmp_path.glob("runs/synthetic_dlrm/**/checkpoints/last.ckpt")
-    assert (last.parent / "last.ckpt.shards" / ".metadata").is_file()  # test_after_fit loaded it on 2 ranks
+    named = torch.load(last, weights_only=False)[SHARDS_KEY]
+    assert (last.parent / named / ".metadata").is_file()  # test_after_fit loaded it on 2 ranks
+    assert [p.name for p in last.parent.glob("last.ckpt.*")] == [named]  # earlier saves' folders deleted
 
 
 def test_mixed_storage_shards_pooled_and_unpooled_tables_with_the_unsharded_outputs(runs: dict[int, Path]) -> None:
