@@ -137,7 +137,7 @@ class TorchRecStrategy(DDPStrategy):
                 memory_cap_bytes=self.memory_cap_bytes,
                 column_shard_dim=self.column_shard_dim,
             )
-        if self.writes_shards:  # fail now, not at the first checkpoint (hours in)
+        if self.writes_shards and trainer.state.fn == TrainerFn.FITTING:  # fail now, not at the first checkpoint
             check_sharded_layout(module.net)
         self.model_to_device()  # after sharding: the whole tables never sit on one device
         if trainer.state.fn == TrainerFn.FITTING:
