@@ -16,11 +16,12 @@ column-wise shards ``COLUMN_SHARD_DIM`` wide (so dim-8 tables split in two), on 
     dcp_cross     {"plan": another sharding type, "differences": ...}: ``{case}.shards`` and the export loaded
                   into shards of that plan, compared
 
-and ``errors.json`` (the messages of loading a state with an unexpected or a missing entry into shards, and a
-sharded checkpoint into another model or other table sizes). Then it fits :class:`~recsys_embed.training.CTRTask`
-with the ``torchrec`` strategy column-wise (``lightning.ckpt`` and its shards folder; ``lightning.consolidated.ckpt``,
-the same state gathered into one file; ``removed.ckpt``, saved and removed) and resumes it at its last step
-(``lightning.resumed.ckpt``).
+and ``errors.json`` (every rank's messages of loading a state with an unexpected, a missing or a misshapen entry into
+shards, and a sharded checkpoint into another model or other table sizes). Then it fits
+:class:`~recsys_embed.training.CTRTask` with the ``torchrec`` strategy column-wise (``lightning.ckpt`` and its shards
+folder; ``lightning.consolidated.ckpt``, the same state gathered into one file; ``removed.ckpt``, saved and removed
+with crashed saves' folders beside it) and resumes it at its last step (``lightning.resumed.ckpt``; then
+``crash.ckpt``/``stale.ckpt`` and ``crash.json``, see :func:`crashed_saves`).
 """
 
 from __future__ import annotations
