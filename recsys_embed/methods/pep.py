@@ -234,7 +234,7 @@ class PEP(EmbeddingMethod):
         with torch.no_grad():
             for i, mask in enumerate(masks):
                 w = self.weight(i).detach().float()
-                served.packed[i].pack((self.soft(i, w) if self.stage == "prune" else w) * mask)
+                served.packed[i].pack((self.soft(i, w) if self.stage == "prune" else w) * mask, mask)
         return served.eval()
 
     # ---- stages ------------------------------------------------------------------------------------------------------

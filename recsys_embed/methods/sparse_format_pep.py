@@ -11,7 +11,7 @@ signed int dtype that holds them (int8/int16/int32/int64)::
 Example::
 
     table = PackedSparseTable(num_rows=1000, dim=16, nnz=int(mask.sum()))
-    table.pack(dense * mask)            # the kept entries (zeros elsewhere)
+    table.pack(dense, mask)             # the entries where mask is true
     rows = table.rows(ids)              # (len(ids), 16), zeros where nothing is kept
 """
 
@@ -69,15 +69,15 @@ class PackedSparseTable(nn.Module):
         else:
             self.register_buffer("row_ids", torch.zeros(nnz, dtype=index_dtype(num_rows - 1), device=dev))
 
-    def pack(self, dense: torch.Tensor) -> None:
-        """Fill the buffers from a dense ``(num_rows, dim)`` table whose nonzeros are the kept entries."""
-        if dense.shape != (self.num_rows, self.dim) or int(dense.count_nonzero()) != self.nnz:
+    def pack(self, dense: torch.Tensor, mask: torch.Tensor) -> None:
+        """Fill the buffers with the entries of a dense ``(num_rows, dim)`` table where ``mask`` is true."""
+        if dense.shape != (self.num_rows, self.dim) or mask.shape != dense.shape or int(mask.sum()) != self.nnz:
             raise ValueError(
-                f"PackedSparseTable: got a {tuple(dense.shape)} table with {int(dense.count_nonzero())} nonzeros; "
+                f"PackedSparseTable: got a {tuple(dense.shape)} table with {int(mask.sum())} kept entries; "
                 f"this one packs {self.nnz} kept entries of a ({self.num_rows}, {self.dim}) table."
             )
         with torch.no_grad():
-            rows, cols = dense.nonzero(as_tuple=True)  # row-major order
+            rows, cols = mask.nonzero(as_tuple=True)  # row-major order
             self.values.copy_(dense[rows, cols].float())
             self.columns.copy_(cols.to(self.columns.dtype))
             if self.format == "csr":
