@@ -191,15 +191,14 @@ class PEP(EmbeddingMethod):
         if self.kept_entries is not None:
             per_feature = [self.packed[self._table_index[j]].rows(ids[j]) for j in range(len(names))]
         else:
-            per_feature = self._trained_rows(features, ids, lengths, batch)
+            per_feature = self._trained_rows(ids, lengths, batch)
         out = []
         for j, v in enumerate(per_feature):
             owner = torch.arange(batch, device=v.device).repeat_interleave(lengths[j], output_size=v.shape[0])
             out.append(v.new_zeros((batch, v.shape[1])).index_add(0, owner, v))
         return keyed(torch.cat(out, 1), names, self._length_per_key)
 
-    def _trained_rows(self, features: KeyedJaggedTensor, ids: Sequence[torch.Tensor], lengths: torch.Tensor,
-                      batch: int) -> list[torch.Tensor]:  # fmt: skip
+    def _trained_rows(self, ids: Sequence[torch.Tensor], lengths: torch.Tensor, batch: int) -> list[torch.Tensor]:
         names = self._feature_names
         masks = None if (self.training and self.stage == "prune") else self.keep_masks()
         rows: list[torch.Tensor | None] = [None] * len(names)
