@@ -104,6 +104,8 @@ def test_retrain_rewinds_the_kept_entries_and_trains_only_them() -> None:
     emb.finish_stage(lambda _: 0.5)
     retrain = emb.next_stage()
     assert retrain.stage == "retrain" and not hasattr(retrain, "threshold")
+    fresh = PEP(tables, **{**emb.config(), "stage": "retrain"})  # rebuilt before its mask is loaded: keeps all
+    assert fresh.compression_ratio() < 1 and all(bool(m.all()) for m in fresh.masks())
     for i in range(3):
         torch.testing.assert_close(retrain.weight(i), emb.initial_rows(i) * emb.masks()[i])
         assert torch.equal(retrain.masks()[i], emb.masks()[i])
@@ -209,6 +211,11 @@ def test_fit_runs_both_stages_and_resumes_after_kills_inside_and_between_stages(
     steps.clear()
     fit(tmp_path, "--stage=retrain")  # only the last stage reruns
     assert steps == [("retrain", s) for s in range(11)]
+    steps.clear()
+    fit(tmp_path, "--test_after_fit=true")  # every stage done: the final form rebuilt from its checkpoint, tested
+    assert steps == []
+    tested = pd.concat([pd.read_csv(p) for p in tmp_path.glob("lightning_logs/*/metrics.csv")])
+    assert tested["test/auc"].notna().any()
 
 
 def test_the_benchmark_runs_both_stages_as_one_cell(tmp_path: Path) -> None:

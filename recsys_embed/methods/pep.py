@@ -123,10 +123,9 @@ class PEP(EmbeddingMethod):
                 for i in members
             ]  # fmt: skip
             self.add_tables(f"rows_d{d}", configs, pooled=False, device=dev)
-        for i, t in enumerate(self._tables):
-            self.register_buffer(
-                f"mask_{i}", torch.zeros(t.num_embeddings, t.embedding_dim, dtype=torch.bool, device=dev)
-            )
+        for i, t in enumerate(self._tables):  # a retrain form keeps every entry until its mask is loaded
+            shape = (t.num_embeddings, t.embedding_dim)
+            self.register_buffer(f"mask_{i}", torch.full(shape, stage == "retrain", dtype=torch.bool, device=dev))
         self.register_buffer("mask_fixed", torch.tensor(stage == "retrain", device=dev))
         self.register_buffer("reached_step", torch.tensor(-1, device=dev))  # the step the target was reached at
         if stage == "retrain":
