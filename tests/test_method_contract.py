@@ -271,6 +271,7 @@ CANNOT_HOLD_HUGE = {
     "mde": "keeps at least dim 4 per row (ratio <= 4 at dim 16)",
     "adapt": "needs per-id counts of every id",
     "optembed": "its supernet holds every row",
+    "pep": "trains every row of a table and a mask of each entry",
 }
 
 
