@@ -124,6 +124,7 @@ def test_state_dict_round_trip(name: str) -> None:
 DENSE_COMPRESSION = {
     "tt_rec": "its compressed tables are TT cores, trained by the dense optimizer",
     "dhe": "its large tables are MLP decoders, trained by the dense optimizer",
+    "deeplight": "its tables are plain masked tensors (the mask is re-applied after each step), dense optimizer",
 }
 
 
@@ -271,6 +272,7 @@ CANNOT_HOLD_HUGE = {
     "mde": "keeps at least dim 4 per row (ratio <= 4 at dim 16)",
     "adapt": "needs per-id counts of every id",
     "optembed": "its supernet holds every row",
+    "deeplight": "its dense warm-up trains every entry",
 }
 
 
