@@ -106,7 +106,8 @@ class DeepLight(EmbeddingMethod):
             if dev.type != "meta":
                 w.copy_((torch.rand(t.num_embeddings, t.embedding_dim, generator=g) * 2 - 1) * bound)
             self.weights.append(nn.Parameter(w))
-            self.register_buffer(f"mask_{i}", torch.ones(t.num_embeddings, t.embedding_dim, dtype=torch.bool, device=dev))
+            everything = torch.ones(t.num_embeddings, t.embedding_dim, dtype=torch.bool, device=dev)
+            self.register_buffer(f"mask_{i}", everything)
         # declared method-owned: neither fused nor sharded; the dense optimizer trains them, the method masks them
         self.declare_storage(TableStorage("weights", tuple(self._tables), options=TableOptions(method_owned=True)))
         self._served_masks: list[torch.Tensor] | None = None
@@ -141,7 +142,7 @@ class DeepLight(EmbeddingMethod):
         lengths = features.lengths().view(len(names), -1)
         masks = [self.mask(i) for i in range(len(self._tables))] if self.training else self.target_masks()
         out = []
-        for j, f in enumerate(names):
+        for j in range(len(names)):
             i, bag_ids = self._table_index[j], ids[j]
             rows = self.weights[i][bag_ids] * masks[i][bag_ids]
             owner = torch.arange(batch, device=rows.device).repeat_interleave(lengths[j], output_size=rows.shape[0])

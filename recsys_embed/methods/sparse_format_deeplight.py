@@ -95,7 +95,7 @@ class PackedSparseTables(nn.Module):
         ids = features.values().split(features.length_per_key())
         lengths = features.lengths().view(len(self._features), -1)
         out = []
-        for j, (f, d) in enumerate(zip(self._features, self._dims)):
+        for j, d in enumerate(self._dims):
             i, bag_ids = self._table_index[j], ids[j].long()
             owner = torch.arange(batch, device=bag_ids.device).repeat_interleave(lengths[j], output_size=len(bag_ids))
             start, count = self._row_spans(i, bag_ids)
