@@ -8,7 +8,7 @@ Compression", VLDB'24)::
     coo = nnz * (4 + row_bytes + col_bytes)
 
 ``col_bytes``/``row_bytes``: the smallest int dtype (int8, int16, int32, int64) that holds ``d - 1``/``n - 1``;
-``ptr_bytes``: int32 while ``nnz < 2^31``, else int64. :class:`PackedSparseTables` holds exactly those buffers.
+``ptr_bytes``: the smallest that holds ``nnz``. :class:`PackedSparseTables` holds exactly those buffers.
 
 Example::
 
