@@ -71,7 +71,6 @@ class DeepLight(EmbeddingMethod):
     """DeepLight: dense warm-up, gradual magnitude pruning of entries to a target sparsity, sparse serving."""
 
     budget_knobs = ("target_sparsity",)
-    training_state = ()
 
     def __init__(
         self,
