@@ -12,8 +12,9 @@ Serving", arXiv 2002.06987), in the VLDB'24 embedding compression benchmark's fo
 3. ``finetune``: the kept entries train with the mask fixed.
 
 Rows are plain parameters of the method (not TorchRec collections): fused TBE tables update inside backward, where
-a mask cannot be re-applied before the next lookup; plain tables are trained by the dense optimizer, with dense
-gradients, and are neither fused nor sharded. The masks are buffers (``mask_i``), so checkpoints (resume) hold them.
+a mask cannot be re-applied before the next lookup; plain tables (method-owned: neither fused nor sharded) get dense
+gradients and their own optimizer (``rows_optimizer``, ``rows_lr``: Adagrad 0.05, like the fused tables' default).
+The masks are buffers (``mask_i``), so checkpoints (resume) hold them.
 
 Memory: ``sum_t min(nnz_t * (4 + col_t) + (n_t + 1) * ptr_t, nnz_t * (4 + row_t + col_t))``
 
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
-from recsys_embed.methods.base import Budget, EmbeddingMethod, Stage, check_tables
+from recsys_embed.methods.base import Budget, EmbeddingMethod, ParameterGroup, Stage, check_tables
 from recsys_embed.methods.layouts import keyed
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.sparse_format_deeplight import PackedSparseTables, sparse_table_bytes
@@ -79,6 +80,8 @@ class DeepLight(EmbeddingMethod):
         stage: Literal["warmup", "prune", "finetune"] = "warmup",
         target_sparsity: float = 0.9,
         prune_every: int = 10,
+        rows_optimizer: str = "adagrad",
+        rows_lr: float = 0.05,
         seed: int = 0,
         validate_ids: bool = True,
         device: str | torch.device | None = None,
@@ -96,6 +99,7 @@ class DeepLight(EmbeddingMethod):
                 f"(got {stage!r}, {target_sparsity}, {prune_every})."
             )
         self.stage, self.target_sparsity, self.prune_every, self.seed = stage, target_sparsity, prune_every, seed
+        self.rows_optimizer, self.rows_lr = rows_optimizer, rows_lr
         dev = torch.device(device or "cpu")
         self.weights = nn.ParameterList()
         for i, t in enumerate(self._tables):
@@ -172,6 +176,10 @@ class DeepLight(EmbeddingMethod):
             Stage("prune", description="gradual magnitude pruning, then exactly the target"),
             Stage("finetune", description="the kept entries, mask fixed"),
         ]
+
+    def stage_parameter_groups(self) -> list[ParameterGroup]:
+        """The rows train with their own optimizer (default Adagrad 0.05, as fused tables would), not the dense one."""
+        return [ParameterGroup("rows", list(self.weights), optimizer=self.rows_optimizer, lr=self.rows_lr)]
 
     def prune_to(self, sparsity: float) -> None:
         """Each table keeps its entries of largest magnitude at ``sparsity`` (never regrowing pruned ones)."""
