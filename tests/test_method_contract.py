@@ -124,7 +124,7 @@ def test_state_dict_round_trip(name: str) -> None:
 DENSE_COMPRESSION = {
     "tt_rec": "its compressed tables are TT cores, trained by the dense optimizer",
     "dhe": "its large tables are MLP decoders, trained by the dense optimizer",
-    "deeplight": "its tables are plain masked tensors (the mask is re-applied after each step), dense optimizer",
+    "deeplight": "its tables are plain masked tensors (the mask is re-applied after each step), not fused",
 }
 
 
