@@ -124,6 +124,7 @@ def test_state_dict_round_trip(name: str) -> None:
 DENSE_COMPRESSION = {
     "tt_rec": "its compressed tables are TT cores, trained by the dense optimizer",
     "dhe": "its large tables are MLP decoders, trained by the dense optimizer",
+    "deeplight": "its tables are plain masked tensors (the mask is re-applied after each step), not fused",
 }
 
 
@@ -272,6 +273,7 @@ CANNOT_HOLD_HUGE = {
     "adapt": "needs per-id counts of every id",
     "optembed": "its supernet holds every row",
     "pep": "trains every row of a table and a mask of each entry",
+    "deeplight": "its dense warm-up trains every entry",
 }
 
 

@@ -1,0 +1,244 @@
+"""``deeplight``: DeepLight, gradual magnitude pruning of embedding entries to a target sparsity, served sparse.
+
+Idea (Deng et al., WSDM'21, "DeepLight: Deep Lightweight Feature Interactions for Accelerating CTR Predictions in Ad
+Serving", arXiv 2002.06987), in the VLDB'24 embedding compression benchmark's form (Zhang et al.):
+
+1. ``warmup``: dense training of full tables;
+2. ``prune``: every ``prune_every`` (10) steps, each table keeps its ``round((1 - s) * n * d)`` entries of largest
+   magnitude, ``s = target_sparsity * (1 - 0.99^(step / 100))``; masked entries give zero and stay zero (the forward
+   multiplies by the mask, so their gradient is zero, and the mask is re-applied to the weights after each step).
+   The schedule only approaches the target, so the stage ends with one prune to exactly the target
+   (:meth:`finish_stage`);
+3. ``finetune``: the kept entries train with the mask fixed.
+
+Rows are plain parameters of the method (not TorchRec collections): fused TBE tables update inside backward, where
+a mask cannot be re-applied before the next lookup; plain tables (method-owned: neither fused nor sharded) get dense
+gradients and their own optimizer (``rows_optimizer``, ``rows_lr``: Adagrad 0.05, like the fused tables' default).
+The masks are buffers (``mask_i``), so checkpoints (resume) hold them.
+
+Memory: ``sum_t min(nnz_t * (4 + col_t) + (n_t + 1) * ptr_t, nnz_t * (4 + row_t + col_t))``
+
+(CSR or COO, whichever is smaller, ints at the smallest dtype that fits: :mod:`sparse_format_deeplight`), ``nnz_t``
+the target's kept entries. Every form serves (and evaluates) its entries cut to the target by magnitude; after the
+``prune`` stage that cut is its mask. A budget gives the target sparsity, index overhead included (every table keeps
+the same share of entries, at least one); ``compression_ratio()`` reports the ratio reached.
+
+Example::
+
+    emb = build_embedding("deeplight", tables, budget=Budget(ratio=10))  # stages: warmup, prune, finetune
+    emb = build_embedding("deeplight", tables, target_sparsity=0.9)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+
+from recsys_embed.methods.base import Budget, EmbeddingMethod, ParameterGroup, Stage, check_tables
+from recsys_embed.methods.layouts import keyed
+from recsys_embed.methods.registry import register
+from recsys_embed.methods.sparse_format_deeplight import PackedSparseTables, sparse_table_bytes
+from recsys_embed.methods.storage import TableOptions, TableStorage
+
+log = logging.getLogger(__name__)
+STAGES = ("warmup", "prune", "finetune")
+
+
+def scheduled_sparsity(step: int, target: float) -> float:
+    """The benchmark's gradual schedule: ``target * (1 - 0.99^(step / 100))``."""
+    return target * (1.0 - 0.99 ** (step / 100.0))
+
+
+def kept_entries(table: EmbeddingBagConfig, sparsity: float) -> int:
+    """Entries a table keeps at ``sparsity`` (at least one)."""
+    return max(1, int(round((1.0 - sparsity) * table.num_embeddings * table.embedding_dim)))
+
+
+def magnitude_mask(weight: torch.Tensor, keep: int) -> torch.Tensor:
+    """Bool mask of the ``keep`` entries of largest magnitude (exactly ``keep``; ties broken by position)."""
+    flat = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+    flat[torch.topk(weight.detach().abs().flatten(), keep, sorted=False).indices] = True
+    return flat.view_as(weight)
+
+
+@register("deeplight")
+class DeepLight(EmbeddingMethod):
+    """DeepLight: dense warm-up, gradual magnitude pruning of entries to a target sparsity, sparse serving."""
+
+    budget_knobs = ("target_sparsity",)
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        *,
+        stage: Literal["warmup", "prune", "finetune"] = "warmup",
+        target_sparsity: float = 0.9,
+        prune_every: int = 10,
+        rows_optimizer: str = "adagrad",
+        rows_lr: float = 0.05,
+        seed: int = 0,
+        validate_ids: bool = True,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(tables, validate_ids=validate_ids)
+        for t in self._tables:
+            if t.num_embeddings * t.embedding_dim >= 2**31:
+                raise ValueError(
+                    f"Method 'deeplight': table {t.name!r} has {t.num_embeddings} x {t.embedding_dim} entries; its "
+                    "dense warm-up trains every entry in one plain tensor (under 2^31 entries): use another method."
+                )
+        if stage not in STAGES or not 0.0 <= target_sparsity < 1.0 or prune_every < 1:
+            raise ValueError(
+                f"Method 'deeplight': stage must be one of {STAGES}, target_sparsity in [0, 1) and prune_every >= 1 "
+                f"(got {stage!r}, {target_sparsity}, {prune_every})."
+            )
+        self.stage, self.target_sparsity, self.prune_every, self.seed = stage, target_sparsity, prune_every, seed
+        self.rows_optimizer, self.rows_lr = rows_optimizer, rows_lr
+        dev = torch.device(device or "cpu")
+        self.weights = nn.ParameterList()
+        for i, t in enumerate(self._tables):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            bound = math.sqrt(1.0 / t.num_embeddings)  # TorchRec's uniform init
+            w = torch.empty(t.num_embeddings, t.embedding_dim, device=dev)
+            if dev.type != "meta":
+                w.copy_((torch.rand(t.num_embeddings, t.embedding_dim, generator=g) * 2 - 1) * bound)
+            self.weights.append(nn.Parameter(w))
+            everything = torch.ones(t.num_embeddings, t.embedding_dim, dtype=torch.bool, device=dev)
+            self.register_buffer(f"mask_{i}", everything)
+        # declared method-owned: neither fused nor sharded; the dense optimizer trains them, the method masks them
+        self.declare_storage(TableStorage("weights", tuple(self._tables), options=TableOptions(method_owned=True)))
+        self._served_masks: list[torch.Tensor] | None = None
+
+    def mask(self, i: int) -> torch.Tensor:
+        return getattr(self, f"mask_{i}")
+
+    def target_masks(self) -> list[torch.Tensor]:
+        """Per table, the served entries: the mask's entries cut to the target by magnitude (cached in eval)."""
+        if self._served_masks is not None and not self.training:
+            return self._served_masks
+        masks = []
+        for i, t in enumerate(self._tables):
+            keep = kept_entries(t, self.target_sparsity)
+            m = self.mask(i)
+            masks.append(m if int(m.sum()) == keep else magnitude_mask(self.weights[i] * m, keep))
+        self._served_masks = None if self.training else masks
+        return masks
+
+    def train(self, mode: bool = True) -> DeepLight:
+        self._served_masks = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        self._served_masks = None
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        batch, names = features.stride(), self._feature_names
+        ids = features.values().split(features.length_per_key())
+        lengths = features.lengths().view(len(names), -1)
+        masks = [self.mask(i) for i in range(len(self._tables))] if self.training else self.target_masks()
+        out = []
+        for j in range(len(names)):
+            i, bag_ids = self._table_index[j], ids[j]
+            rows = self.weights[i][bag_ids] * masks[i][bag_ids]
+            owner = torch.arange(batch, device=rows.device).repeat_interleave(lengths[j], output_size=rows.shape[0])
+            out.append(rows.new_zeros((batch, rows.shape[1])).index_add(0, owner, rows))
+        return keyed(torch.cat(out, 1), names, self._length_per_key)
+
+    # ---- memory and the served form --------------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        return sum(
+            sparse_table_bytes(t.num_embeddings, t.embedding_dim, kept_entries(t, self.target_sparsity))
+            for t in self._tables
+        )
+
+    def sparsity(self) -> float:
+        """The current mask's share of zeroed entries (all tables)."""
+        total = sum(t.num_embeddings * t.embedding_dim for t in self._tables)
+        return 1.0 - sum(int(self.mask(i).sum()) for i in range(len(self._tables))) / total
+
+    def to_serving(self) -> nn.Module:
+        with torch.no_grad():
+            masked = [w.detach() * m for w, m in zip(self.weights, self.target_masks())]
+        return PackedSparseTables(self._tables, masked).eval()
+
+    # ---- stages ------------------------------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        return [
+            Stage("warmup", description="dense training"),
+            Stage("prune", description="gradual magnitude pruning, then exactly the target"),
+            Stage("finetune", description="the kept entries, mask fixed"),
+        ]
+
+    def stage_parameter_groups(self) -> list[ParameterGroup]:
+        """The rows train with their own optimizer (default Adagrad 0.05, as fused tables would), not the dense one."""
+        return [ParameterGroup("rows", list(self.weights), optimizer=self.rows_optimizer, lr=self.rows_lr)]
+
+    def prune_to(self, sparsity: float) -> None:
+        """Each table keeps its entries of largest magnitude at ``sparsity`` (never regrowing pruned ones)."""
+        with torch.no_grad():
+            for i, t in enumerate(self._tables):
+                m = self.mask(i)
+                m.copy_(magnitude_mask(self.weights[i] * m, min(kept_entries(t, sparsity), int(m.sum()))))
+                self.weights[i].mul_(m)
+        self._served_masks = None
+
+    def on_train_step(self, step: int) -> None:
+        """Prune: every ``prune_every`` steps the schedule's sparsity; prune and finetune: re-apply the mask."""
+        if self.stage == "warmup":
+            return
+        if self.stage == "prune" and step % self.prune_every == 0:
+            self.prune_to(scheduled_sparsity(step, self.target_sparsity))
+            return
+        with torch.no_grad():
+            for i in range(len(self._tables)):
+                self.weights[i].mul_(self.mask(i))
+
+    def finish_stage(self, evaluate: Callable[[int | None], float]) -> None:
+        """Prune stage: one last prune to exactly the target (the schedule approaches it only asymptotically)."""
+        if self.stage != "prune":
+            return
+        self.prune_to(self.target_sparsity)
+        log.info(
+            "deeplight: sparsity %.4f (target %.4f), %d bytes, ratio %.2f",
+            *(self.sparsity(), self.target_sparsity, self.memory_bytes(), self.compression_ratio()),
+        )
+
+    def next_stage(self) -> EmbeddingMethod:
+        if self.stage == "finetune":
+            return super().next_stage()
+        following = STAGES[STAGES.index(self.stage) + 1]
+        form = type(self).from_config(self._tables, {**self.config(), "stage": following}, device=self.device)
+        form.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()})
+        return form
+
+    @classmethod
+    def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> DeepLight:
+        """The lowest target sparsity whose sparse tables fit the budget (index overhead included; bisection)."""
+        tables = check_tables(tables)
+        allowed = budget.max_bytes(tables)
+
+        def fits(sparsity: float) -> bool:
+            nbytes = (sparse_table_bytes(t.num_embeddings, t.embedding_dim, kept_entries(t, sparsity)) for t in tables)
+            return sum(nbytes) <= allowed
+
+        low, high = 0.0, 1.0 - 1e-12  # high: one entry per table
+        if not fits(high):
+            smallest = sum(sparse_table_bytes(t.num_embeddings, t.embedding_dim, 1) for t in tables)
+            raise ValueError(
+                f"Method 'deeplight' cannot fit {allowed} bytes: one kept entry per table takes {smallest} bytes. Ask "
+                f"for a budget of at least {smallest} bytes."
+            )
+        if fits(low):
+            high = low
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (low, mid) if fits(mid) else (mid, high)
+        return cls(tables, target_sparsity=high, **options)  # type: ignore[arg-type]
