@@ -14,7 +14,7 @@ from recsys_embed.benchmark import expand_grid, load_results, parse_spec, run_sw
 from recsys_embed.cli import main
 from recsys_embed.methods import Budget, build_embedding
 from recsys_embed.methods.deeplight import DeepLight, kept_entries, scheduled_sparsity
-from recsys_embed.methods.sparse_format_deeplight import sparse_format, sparse_table_bytes
+from recsys_embed.methods.sparse_format import packed_bytes, packed_format
 from tests.conftest import make_tables, random_kjt
 from tests.test_bench import small_spec
 from tests.test_cli import TINY
@@ -28,11 +28,11 @@ def stored(module: torch.nn.Module) -> int:
 
 def test_sparse_bytes_are_the_smaller_of_csr_and_coo_with_the_smallest_int_dtypes() -> None:
     # 3000 rows, dim 8: cols int8; CSR row pointers (3001) hold nnz: int16 for 10_000; COO rows int16
-    assert sparse_table_bytes(3000, 8, 10_000) == 10_000 * (4 + 1) + 3001 * 2
-    assert sparse_format(3000, 8, 10_000) == "csr"
-    assert sparse_table_bytes(3000, 8, 100) == 100 * (4 + 2 + 1) and sparse_format(3000, 8, 100) == "coo"
-    assert sparse_table_bytes(10, 200, 50) == 50 * (4 + 2) + 11 * 1  # dim 200: int16 columns; CSR 311 < COO 350
-    assert sparse_table_bytes(100_000, 16, 10) == 10 * (4 + 4 + 1)  # rows need int32
+    assert packed_bytes(3000, 8, 10_000) == 10_000 * (4 + 1) + 3000 * 2
+    assert packed_format(3000, 8, 10_000) == "csr"
+    assert packed_bytes(3000, 8, 100) == 100 * (4 + 2 + 1) and packed_format(3000, 8, 100) == "coo"
+    assert packed_bytes(10, 200, 50) == 50 * (4 + 2) + 10 * 1  # dim 200: int16 columns; CSR 310 < COO 350
+    assert packed_bytes(100_000, 16, 10) == 10 * (4 + 4 + 1)  # rows need int32
 
 
 def test_the_schedule_prunes_every_ten_steps_to_the_formula_and_masked_entries_stay_zero() -> None:
@@ -80,7 +80,7 @@ def test_a_budget_gives_the_target_with_index_overhead_and_each_stage_serves_its
             assert stored(served) == form.memory_bytes()
             torch.testing.assert_close(served(kjt).values(), form(kjt).values())
         formats = served.formats  # type: ignore[attr-defined]
-        assert formats[2] == sparse_format(3000, 8, kept_entries(tables[2], finetune.target_sparsity))
+        assert formats[2] == packed_format(3000, 8, kept_entries(tables[2], finetune.target_sparsity))
         # after pruning, the trained (masked) training-mode outputs are the served ones
         finetune.train()
         torch.testing.assert_close(served(kjt).values(), finetune(kjt).values())

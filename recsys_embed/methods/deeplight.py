@@ -16,9 +16,9 @@ a mask cannot be re-applied before the next lookup; plain tables (method-owned: 
 gradients and their own optimizer (``rows_optimizer``, ``rows_lr``: Adagrad 0.05, like the fused tables' default).
 The masks are buffers (``mask_i``), so checkpoints (resume) hold them.
 
-Memory: ``sum_t min(nnz_t * (4 + col_t) + (n_t + 1) * ptr_t, nnz_t * (4 + row_t + col_t))``
+Memory: ``sum_t min(nnz_t * (4 + col_t) + n_t * ptr_t, nnz_t * (4 + row_t + col_t))``
 
-(CSR or COO, whichever is smaller, ints at the smallest dtype that fits: :mod:`sparse_format_deeplight`), ``nnz_t``
+(CSR or COO, whichever is smaller, ints at the smallest dtype that fits: :mod:`sparse_format`), ``nnz_t``
 the target's kept entries. Every form serves (and evaluates) its entries cut to the target by magnitude; after the
 ``prune`` stage that cut is its mask. A budget gives the target sparsity, index overhead included (every table keeps
 the same share of entries, at least one); ``compression_ratio()`` reports the ratio reached.
@@ -43,7 +43,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 from recsys_embed.methods.base import Budget, EmbeddingMethod, ParameterGroup, Stage, check_tables
 from recsys_embed.methods.layouts import keyed
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.sparse_format_deeplight import PackedSparseTables, sparse_table_bytes
+from recsys_embed.methods.sparse_format import PackedSparseTables, packed_bytes
 from recsys_embed.methods.storage import TableOptions, TableStorage
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,7 @@ class DeepLight(EmbeddingMethod):
     # ---- memory and the served form --------------------------------------------------------------------------------
     def memory_bytes(self) -> int:
         return sum(
-            sparse_table_bytes(t.num_embeddings, t.embedding_dim, kept_entries(t, self.target_sparsity))
-            for t in self._tables
+            packed_bytes(t.num_embeddings, t.embedding_dim, kept_entries(t, self.target_sparsity)) for t in self._tables
         )
 
     def sparsity(self) -> float:
@@ -226,12 +225,12 @@ class DeepLight(EmbeddingMethod):
         allowed = budget.max_bytes(tables)
 
         def fits(sparsity: float) -> bool:
-            nbytes = (sparse_table_bytes(t.num_embeddings, t.embedding_dim, kept_entries(t, sparsity)) for t in tables)
+            nbytes = (packed_bytes(t.num_embeddings, t.embedding_dim, kept_entries(t, sparsity)) for t in tables)
             return sum(nbytes) <= allowed
 
         low, high = 0.0, 1.0 - 1e-12  # high: one entry per table
         if not fits(high):
-            smallest = sum(sparse_table_bytes(t.num_embeddings, t.embedding_dim, 1) for t in tables)
+            smallest = sum(packed_bytes(t.num_embeddings, t.embedding_dim, 1) for t in tables)
             raise ValueError(
                 f"Method 'deeplight' cannot fit {allowed} bytes: one kept entry per table takes {smallest} bytes. Ask "
                 f"for a budget of at least {smallest} bytes."

@@ -14,7 +14,7 @@ Idea (Liu et al., ICLR'21, "Learnable Embedding Sizes for Recommender Systems", 
 
 Rows live in TorchRec ``EmbeddingCollection``s (unpooled, one per dim: the threshold acts per entry before
 pooling); the method pools itself. The served form holds the kept entries only
-(:class:`~recsys_embed.methods.sparse_format_pep.PackedSparseTable`, CSR or COO per table).
+(:class:`~recsys_embed.methods.sparse_format.PackedSparseTable`, CSR or COO per table).
 
 Memory: ``sum_t min(nnz_t * (4 + c_t) + n_t * p_t, nnz_t * (4 + r_t + c_t))`` bytes, the smaller of CSR and COO
 per table (``c_t``, ``r_t``, ``p_t``: bytes of the smallest int dtypes for a column, a row, a row end). The
@@ -41,7 +41,7 @@ from torchrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor, Key
 from recsys_embed.methods.base import Budget, EmbeddingMethod, ParameterGroup, Stage, check_tables
 from recsys_embed.methods.layouts import keyed, make_kjt
 from recsys_embed.methods.registry import register
-from recsys_embed.methods.sparse_format_pep import PackedSparseTable, packed_bytes
+from recsys_embed.methods.sparse_format import PackedSparseTable, packed_bytes
 
 log = logging.getLogger(__name__)
 STAGES = ("prune", "retrain")

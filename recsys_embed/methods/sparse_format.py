@@ -1,33 +1,39 @@
-"""Element-sparse tables (PEP, ``pep.py``): the bytes of a table's kept entries in CSR or COO, whichever is smaller
-(as the VLDB'24 embedding-compression benchmark counts them), and the packed served form holding exactly those bytes.
+"""Element-sparse tables (``pep``, ``deeplight``): the bytes of a table's kept entries in CSR or COO, whichever is
+smaller (as the VLDB'24 embedding-compression benchmark counts them, Zhang et al., arXiv 2311.15578), and packed
+served forms holding exactly those bytes.
 
-A table of ``n`` rows, dim ``d`` and ``nnz`` kept entries stores its values as fp32 and its indices at the smallest
-signed int dtype that holds them (int8/int16/int32/int64)::
+A table of ``n`` rows, dim ``d`` and ``nnz`` kept entries stores its values as fp32 and each index at the smallest
+signed int dtype that holds it (int8/int16/int32/int64)::
 
-    csr = nnz * (4 + c) + n * p        # value + column per entry, one row end per row (p: int32, or int64 past 2^31)
+    csr = nnz * (4 + c) + n * p        # value + column per entry, one row end per row (p holds nnz)
     coo = nnz * (4 + r + c)            # value + row + column per entry
     bytes = min(csr, coo)              # c, r: bytes of the column (< d) and row (< n) index dtypes
 
 Example::
 
     table = PackedSparseTable(num_rows=1000, dim=16, nnz=int(mask.sum()))
-    table.pack(dense, mask)             # the entries where mask is true
-    rows = table.rows(ids)              # (len(ids), 16), zeros where nothing is kept
+    table.pack(dense, mask)                           # the entries where mask is true
+    rows = table.rows(ids)                            # (len(ids), 16), zeros where nothing is kept
+    served = PackedSparseTables(tables, masked_weights)  # KJT -> KeyedTensor, pooled sums of such rows
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
+from recsys_embed.methods.layouts import keyed
 from recsys_embed.methods.tables import FP32_BYTES
 
 INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def index_dtype(max_value: int) -> torch.dtype:
-    """The smallest signed int dtype holding ``0..max_value``."""
-    return next(t for t in INDEX_DTYPES if max_value <= torch.iinfo(t).max)
+def index_dtype(largest: int) -> torch.dtype:
+    """The smallest signed int dtype holding ``0..largest``."""
+    return next(t for t in INDEX_DTYPES if max(largest, 0) <= torch.iinfo(t).max)
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -35,7 +41,7 @@ def _size(dtype: torch.dtype) -> int:
 
 
 def csr_bytes(num_rows: int, dim: int, nnz: int) -> int:
-    return nnz * (FP32_BYTES + _size(index_dtype(dim - 1))) + num_rows * _size(index_dtype(max(nnz, 2**31 - 1)))
+    return nnz * (FP32_BYTES + _size(index_dtype(dim - 1))) + num_rows * _size(index_dtype(nnz))
 
 
 def coo_bytes(num_rows: int, dim: int, nnz: int) -> int:
@@ -64,8 +70,7 @@ class PackedSparseTable(nn.Module):
         self.register_buffer("values", torch.zeros(nnz, device=dev))
         self.register_buffer("columns", torch.zeros(nnz, dtype=index_dtype(dim - 1), device=dev))
         if self.format == "csr":
-            ends = torch.zeros(num_rows, dtype=index_dtype(max(nnz, 2**31 - 1)), device=dev)
-            self.register_buffer("row_ends", ends)
+            self.register_buffer("row_ends", torch.zeros(num_rows, dtype=index_dtype(nnz), device=dev))
         else:
             self.register_buffer("row_ids", torch.zeros(nnz, dtype=index_dtype(num_rows - 1), device=dev))
 
@@ -105,3 +110,37 @@ class PackedSparseTable(nn.Module):
         entry = first + torch.arange(owner.numel(), device=ids.device)
         out[owner, self.columns[entry].to(torch.int64)] = self.values[entry]
         return out
+
+
+class PackedSparseTables(nn.Module):
+    """Served element-sparse tables behind the EBC interface: a :class:`PackedSparseTable` per logical table (its
+    nonzero entries of the given masked weights), each bag the sum of its ids' rows."""
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], weights: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self._features = [f for t in tables for f in t.feature_names]
+        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self._table_index = [i for i, t in enumerate(tables) for _ in t.feature_names]
+        self.tables = nn.ModuleList()
+        for t, w in zip(tables, weights):
+            mask = w.detach() != 0
+            table = PackedSparseTable(t.num_embeddings, t.embedding_dim, int(mask.sum()), device=w.device)
+            table.pack(w.detach(), mask)
+            self.tables.append(table)
+
+    @property
+    def formats(self) -> list[str]:
+        return [table.format for table in self.tables]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        features = features.permute([features.keys().index(f) for f in self._features])
+        batch = features.stride()
+        ids = features.values().split(features.length_per_key())
+        lengths = features.lengths().view(len(self._features), -1)
+        out = []
+        for j, d in enumerate(self._dims):
+            bag_ids = ids[j].long()
+            owner = torch.arange(batch, device=bag_ids.device).repeat_interleave(lengths[j], output_size=len(bag_ids))
+            rows = self.tables[self._table_index[j]].rows(bag_ids)
+            out.append(rows.new_zeros(batch, d).index_add_(0, owner, rows))
+        return keyed(torch.cat(out, 1), self._features, self._dims)
