@@ -166,7 +166,7 @@ class DeepLight(EmbeddingMethod):
     def to_serving(self) -> nn.Module:
         with torch.no_grad():
             masked = [w.detach() * m for w, m in zip(self.weights, self.target_masks())]
-        return PackedSparseTables(self._tables, masked).eval()
+        return PackedSparseTables(self._tables, masked, method=self.name).eval()
 
     # ---- stages ------------------------------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:

@@ -22,9 +22,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
+from recsys_embed.methods import checks
+from recsys_embed.methods.checks import IdBounds
 from recsys_embed.methods.layouts import keyed
 from recsys_embed.methods.tables import FP32_BYTES
 
@@ -92,10 +96,10 @@ class PackedSparseTable(nn.Module):
                 self.row_ids.copy_(rows.to(self.row_ids.dtype))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """``(len(ids), dim)``: each id's row, its kept entries scattered into zeros (vectorized, no loop over ids)."""
-        out = self.values.new_zeros((ids.numel(), self.dim))
-        if self.nnz == 0 or ids.numel() == 0:
-            return out
+        """``(len(ids), dim)``: each id's row, its kept entries scattered into zeros. Static shapes (a row holds at
+        most ``dim`` entries: each id reads ``dim`` slots, those past its count add zero), so it traces and exports."""
+        if self.nnz == 0:
+            return self.values.new_zeros((ids.shape[0], self.dim))
         if self.format == "csr":
             ends = self.row_ends.to(torch.int64)
             stop = ends[ids]
@@ -104,21 +108,27 @@ class PackedSparseTable(nn.Module):
             row_ids = self.row_ids.to(torch.int64)
             start = torch.searchsorted(row_ids, ids)
             stop = torch.searchsorted(row_ids, ids, right=True)
-        counts = stop - start
-        owner = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), counts)
-        first = torch.repeat_interleave(start - (counts.cumsum(0) - counts), counts)
-        entry = first + torch.arange(owner.numel(), device=ids.device)
-        out[owner, self.columns[entry].to(torch.int64)] = self.values[entry]
-        return out
+        slot = torch.arange(self.dim, device=ids.device)
+        position = (start.unsqueeze(1) + slot).clamp(max=self.nnz - 1)  # (len(ids), dim)
+        valid = slot < (stop - start).unsqueeze(1)
+        values = torch.where(valid, self.values[position], torch.zeros((), dtype=self.values.dtype))
+        columns = torch.where(valid, self.columns[position].to(torch.int64), torch.zeros((), dtype=torch.int64))
+        return self.values.new_zeros((ids.shape[0], self.dim)).scatter_add_(1, columns, values)
 
 
 class PackedSparseTables(nn.Module):
     """Served element-sparse tables behind the EBC interface: a :class:`PackedSparseTable` per logical table (its
     nonzero entries of the given masked weights), each bag the sum of its ids' rows."""
 
-    def __init__(self, tables: Sequence[EmbeddingBagConfig], weights: Sequence[torch.Tensor]) -> None:
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], weights: Sequence[torch.Tensor], method: str) -> None:
         super().__init__()
         self._features = [f for t in tables for f in t.feature_names]
+        self._bounds = IdBounds(  # the input checks of every served form: keys, and ids inside each table
+            method=method,
+            cardinality={f: t.num_embeddings for t in tables for f in t.feature_names},
+            unbounded=[],
+            tables={f: t.name for t in tables for f in t.feature_names},
+        )
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._table_index = [i for i, t in enumerate(tables) for _ in t.feature_names]
         self.tables = nn.ModuleList()
@@ -133,14 +143,17 @@ class PackedSparseTables(nn.Module):
         return [table.format for table in self.tables]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        features = features.permute([features.keys().index(f) for f in self._features])
-        batch = features.stride()
+        if torch.compiler.is_compiling() or (not is_fx_symbolic_tracing() and features.stride() == 0):
+            features = checks.in_feature_order(features, self._features)  # export (ids unchecked) or an empty batch
+        else:  # eager, or one fx leaf call: keys in order, ids checked
+            features = checks.checked_features(features, self._features, self._bounds)
         ids = features.values().split(features.length_per_key())
         lengths = features.lengths().view(len(self._features), -1)
         out = []
-        for j, d in enumerate(self._dims):
+        for j in range(len(self._dims)):  # each feature's bags pool its ids' rows (embedding_bag over those rows)
             bag_ids = ids[j].long()
-            owner = torch.arange(batch, device=bag_ids.device).repeat_interleave(lengths[j], output_size=len(bag_ids))
             rows = self.tables[self._table_index[j]].rows(bag_ids)
-            out.append(rows.new_zeros(batch, d).index_add_(0, owner, rows))
+            offsets = F.pad(lengths[j].cumsum(0), (1, 0))
+            occurrence = torch.arange(bag_ids.shape[0], device=bag_ids.device)
+            out.append(F.embedding_bag(occurrence, rows, offsets, mode="sum", include_last_offset=True))
         return keyed(torch.cat(out, 1), self._features, self._dims)
