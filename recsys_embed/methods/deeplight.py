@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -43,6 +42,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 from recsys_embed.methods.base import Budget, EmbeddingMethod, ParameterGroup, Stage, check_tables
 from recsys_embed.methods.layouts import keyed
 from recsys_embed.methods.registry import register
+from recsys_embed.methods.row_pruning import initial_rows
 from recsys_embed.methods.sparse_format import PackedSparseTables, packed_bytes
 from recsys_embed.methods.storage import TableOptions, TableStorage
 
@@ -103,11 +103,9 @@ class DeepLight(EmbeddingMethod):
         dev = torch.device(device or "cpu")
         self.weights = nn.ParameterList()
         for i, t in enumerate(self._tables):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            bound = math.sqrt(1.0 / t.num_embeddings)  # TorchRec's uniform init
             w = torch.empty(t.num_embeddings, t.embedding_dim, device=dev)
             if dev.type != "meta":
-                w.copy_((torch.rand(t.num_embeddings, t.embedding_dim, generator=g) * 2 - 1) * bound)
+                w.copy_(initial_rows(t, seed, i))
             self.weights.append(nn.Parameter(w))
             everything = torch.ones(t.num_embeddings, t.embedding_dim, dtype=torch.bool, device=dev)
             self.register_buffer(f"mask_{i}", everything)

@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -48,6 +47,7 @@ from recsys_embed.methods.registry import register
 from recsys_embed.methods.row_pruning import (
     MarginRanking,
     StraightThroughStep,
+    initial_rows,
     kept_positions,
     served_bytes,
 )
@@ -156,10 +156,7 @@ class OptEmbed(EmbeddingMethod):
 
     def initial_rows(self, i: int) -> torch.Tensor:
         """Table ``i``'s supernet rows at initialisation, regenerated from ``seed`` (TorchRec's uniform init)."""
-        t = self._tables[i]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        bound = math.sqrt(1.0 / t.num_embeddings)
-        return (torch.rand(t.num_embeddings, t.embedding_dim, generator=g) * 2 - 1).mul_(bound).to(self.device)
+        return initial_rows(self._tables[i], self.seed, i).to(self.device)
 
     def keep_masks(self, dims: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Per table, the rows the served form keeps at ``dims`` (default: the served dims): margin ``|e|_1 - t_f``

@@ -41,6 +41,7 @@ from torchrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor, Key
 from recsys_embed.methods.base import Budget, EmbeddingMethod, ParameterGroup, Stage, check_tables
 from recsys_embed.methods.layouts import keyed, make_kjt
 from recsys_embed.methods.registry import register
+from recsys_embed.methods.row_pruning import initial_rows
 from recsys_embed.methods.sparse_format import PackedSparseTable, packed_bytes
 
 log = logging.getLogger(__name__)
@@ -142,10 +143,7 @@ class PEP(EmbeddingMethod):
 
     def initial_rows(self, i: int) -> torch.Tensor:
         """Table ``i``'s rows at initialisation, regenerated from ``seed`` (TorchRec's uniform init)."""
-        t = self._tables[i]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        bound = math.sqrt(1.0 / t.num_embeddings)
-        return (torch.rand(t.num_embeddings, t.embedding_dim, generator=g) * 2 - 1).mul_(bound).to(self.device)
+        return initial_rows(self._tables[i], self.seed, i).to(self.device)
 
     def gate(self, i: int) -> torch.Tensor:
         """``sigmoid(t)`` of table ``i``: ``(dim,)`` or ``(1,)``."""

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,14 @@ class StraightThroughStep(torch.autograd.Function):
         a = x.abs()
         slope = torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1, torch.full_like(a, 0.4), torch.zeros_like(a)))
         return grad * slope
+
+
+def initial_rows(table: EmbeddingBagConfig, seed: int, index: int) -> torch.Tensor:
+    """Table number ``index``'s rows at initialisation (TorchRec's uniform init, ``±sqrt(1/n)``), regenerated from
+    ``seed`` on the CPU: pruning methods rewind to them instead of storing a copy."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    bound = math.sqrt(1.0 / table.num_embeddings)
+    return (torch.rand(table.num_embeddings, table.embedding_dim, generator=g) * 2 - 1).mul_(bound)
 
 
 def served_bytes(tables: Sequence[EmbeddingBagConfig], kept: Sequence[int], dims: Sequence[int]) -> int:
