@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from recsys_embed.benchmark import expand_grid, load_results, parse_spec, run_sweep
-from recsys_embed.cli import main
 from recsys_embed.methods import Budget, build_embedding
 from recsys_embed.methods.deeplight import DeepLight, kept_entries, scheduled_sparsity
 from recsys_embed.methods.sparse_format import packed_bytes, packed_format
 from tests.conftest import make_tables, random_kjt
+from tests.staged_cli import Killed, stage_state, staged_fit
 from tests.test_bench import small_spec
-from tests.test_cli import TINY
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "experiments" / "ctr" / "synthetic_deeplight.yaml")
 
@@ -99,25 +98,8 @@ def test_bad_options_and_budgets_are_clear_errors() -> None:
 
 
 # ---- every stage through the CLI and the benchmark -----------------------------------------------------------------
-class Killed(Exception):
-    """A simulated kill."""
-
-
 def fit(folder: Path, *extra: str) -> int | None:
-    args = [
-        "fit",
-        "--config",
-        CONFIG,
-        *TINY,
-        f"--trainer.default_root_dir={folder / 'run'}",
-        f"--trainer.logger.init_args.save_dir={folder}",
-        "--trainer.callbacks.init_args.every_n_train_steps=3",
-        "--trainer.log_every_n_steps=1",
-        "--model.embedding.options={prune_every: 2}",
-        "--model.embedding.budget.ratio=4",
-        *extra,
-    ]
-    return main(args)
+    return staged_fit(CONFIG, folder, "--model.embedding.options={prune_every: 2}", *extra)
 
 
 def test_fit_runs_every_stage_and_a_resume_inside_the_prune_stage_keeps_the_mask(
@@ -143,7 +125,7 @@ def test_fit_runs_every_stage_and_a_resume_inside_the_prune_stage_keeps_the_mask
     resumed = [(step, sparsity) for stage, step, sparsity in seen if stage == "prune"]
     assert resumed[0][0] in (6, 7) and resumed[0][0] > 0  # from the last checkpoint, not step 0
     assert resumed[0][1] == first[resumed[0][0]] > 0  # the mask came back with the checkpoint
-    run = json.loads((tmp_path / "run" / "stages" / "state.json").read_text())
+    run = stage_state(tmp_path)
     assert run["order"] == ["warmup", "prune", "finetune"]
     assert all(run["stages"][n]["status"] == "done" and run["stages"][n]["time_s"] > 0 for n in run["order"])
     stages = tmp_path / "run" / "stages"

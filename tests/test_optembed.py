@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from recsys_embed.benchmark import expand_grid, load_results, parse_spec, run_sweep
-from recsys_embed.cli import main
 from recsys_embed.data import CTRDataModule
 from recsys_embed.methods import Budget, build_embedding
 from recsys_embed.methods.optembed import OptEmbed
@@ -23,8 +22,8 @@ from recsys_embed.training.search import evolutionary_search
 from recsys_embed.training.stages import validation_auc
 from recsys_embed.training.task_config import EmbeddingSpec
 from tests.conftest import make_tables, random_kjt
+from tests.staged_cli import Killed, stage_state, staged_fit
 from tests.test_bench import small_spec
-from tests.test_cli import TINY
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "experiments" / "ctr" / "synthetic_optembed.yaml")
 
@@ -144,30 +143,15 @@ def test_bad_tables_and_options_are_clear_errors() -> None:
 
 
 # ---- every stage through the CLI and the benchmark -----------------------------------------------------------------
-class Killed(Exception):
-    """A simulated kill."""
-
-
 def fit(folder: Path, *extra: str) -> int | None:
-    args = [
-        "fit",
-        "--config",
+    return staged_fit(
         CONFIG,
-        *TINY,
-        f"--trainer.default_root_dir={folder / 'run'}",
-        f"--trainer.logger.init_args.save_dir={folder}",
-        "--trainer.callbacks.init_args.every_n_train_steps=3",
-        "--trainer.log_every_n_steps=1",
+        folder,
         "--model.embedding.options={iterations: 2, mutations: 3, crossovers: 3, keep: 4, alpha: 0.01, "
         "threshold_lr: 0.01, search_batches: null}",
         "--model.embedding.budget.ratio=4",
         *extra,
-    ]
-    return main(args)
-
-
-def state(folder: Path) -> dict:
-    return json.loads((folder / "run" / "stages" / "state.json").read_text())
+    )
 
 
 def test_fit_runs_every_stage_and_resumes_after_kills_between_and_inside_stages(
@@ -195,19 +179,19 @@ def test_fit_runs_every_stage_and_resumes_after_kills_between_and_inside_stages(
     monkeypatch.setattr(OptEmbed, "finish_stage", finish_stage)
     with pytest.raises(Killed):  # killed inside the supernet stage
         fit(tmp_path)
-    assert state(tmp_path)["stages"]["supernet"]["status"] == "running"
+    assert stage_state(tmp_path)["stages"]["supernet"]["status"] == "running"
     kill["supernet_step"] = None
     steps.clear()
     with pytest.raises(Killed):  # resumed at step 6 (the last checkpoint), then killed inside the search
         fit(tmp_path)
     assert steps == [("supernet", s) for s in range(6, 11)]
-    run = state(tmp_path)
+    run = stage_state(tmp_path)
     assert run["stages"]["supernet"]["status"] == "done" and run["stages"]["search"]["status"] == "running"
     kill["search"] = False
     steps.clear()
     fit(tmp_path)  # the search reruns from the supernet's final checkpoint, then the retrain
     assert len(searches) == 2 and steps == [("retrain", s) for s in range(11)]
-    run = state(tmp_path)
+    run = stage_state(tmp_path)
     assert run["order"] == ["supernet", "search", "retrain"]
     assert all(run["stages"][n]["status"] == "done" and run["stages"][n]["time_s"] > 0 for n in run["order"])
     assert run["stages"]["search"]["steps"] == 0 and run["stages"]["retrain"]["steps"] == 11

@@ -13,13 +13,12 @@ import pytest
 import torch
 
 from recsys_embed.benchmark import expand_grid, load_results, parse_spec, run_sweep
-from recsys_embed.cli import main
 from recsys_embed.methods import Budget, build_embedding
 from recsys_embed.methods.pep import PEP
 from recsys_embed.methods.sparse_format import PackedSparseTable, coo_bytes, csr_bytes, packed_bytes
 from tests.conftest import make_tables, random_kjt
+from tests.staged_cli import Killed, stage_state, staged_fit
 from tests.test_bench import small_spec
-from tests.test_cli import TINY
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "experiments" / "ctr" / "synthetic_pep.yaml")
 
@@ -134,28 +133,8 @@ def test_bad_options_and_budgets_are_clear_errors() -> None:
         build_embedding("pep", tables, budget=Budget(bytes=5))
 
 
-class Killed(Exception):
-    pass
-
-
 def fit(folder: Path, *extra: str) -> int | None:
-    args = [
-        "fit",
-        "--config",
-        CONFIG,
-        *TINY,
-        f"--trainer.default_root_dir={folder / 'run'}",
-        f"--trainer.logger.init_args.save_dir={folder}",
-        "--trainer.callbacks.init_args.every_n_train_steps=3",
-        "--trainer.log_every_n_steps=1",
-        "--model.embedding.budget.ratio=4",
-        *extra,
-    ]
-    return main(args)
-
-
-def state(folder: Path) -> dict:
-    return json.loads((folder / "run" / "stages" / "state.json").read_text())
+    return staged_fit(CONFIG, folder, "--model.embedding.budget.ratio=4", *extra)
 
 
 def test_fit_runs_both_stages_and_resumes_after_kills_inside_and_between_stages(
@@ -180,18 +159,18 @@ def test_fit_runs_both_stages_and_resumes_after_kills_inside_and_between_stages(
     monkeypatch.setattr(PEP, "next_stage", killed_next_stage)
     with pytest.raises(Killed):  # killed inside the prune stage
         fit(tmp_path)
-    assert state(tmp_path)["stages"]["prune"]["status"] == "running"
+    assert stage_state(tmp_path)["stages"]["prune"]["status"] == "running"
     kill["prune_step"] = None
     steps.clear()
     with pytest.raises(Killed):  # resumed at step 6 (the last checkpoint); killed between the stages
         fit(tmp_path)
     assert steps == [("prune", s) for s in range(6, 11)]
-    assert state(tmp_path)["stages"]["prune"]["status"] == "done"
+    assert stage_state(tmp_path)["stages"]["prune"]["status"] == "done"
     kill["next_stage"] = False
     steps.clear()
     fit(tmp_path)  # the prune stage is done: only the retrain runs
     assert steps == [("retrain", s) for s in range(11)]
-    run = state(tmp_path)
+    run = stage_state(tmp_path)
     assert run["order"] == ["prune", "retrain"]
     assert all(run["stages"][n]["status"] == "done" and run["stages"][n]["time_s"] > 0 for n in run["order"])
     stages = tmp_path / "run" / "stages"
