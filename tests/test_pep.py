@@ -16,6 +16,7 @@ from recsys_embed.benchmark import expand_grid, load_results, parse_spec, run_sw
 from recsys_embed.methods import Budget, build_embedding
 from recsys_embed.methods.pep import PEP
 from recsys_embed.methods.sparse_format import PackedSparseTable, coo_bytes, csr_bytes, packed_bytes
+from recsys_embed.training.task_config import group_optimizer
 from tests.conftest import make_tables, random_kjt
 from tests.staged_cli import Killed, stage_state, staged_fit
 from tests.test_bench import small_spec
@@ -48,17 +49,40 @@ def test_packed_tables_store_the_smaller_format_and_give_the_dense_rows() -> Non
 def test_soft_thresholds_shrink_entries_and_learn_from_the_loss() -> None:
     tables = make_tables()
     emb = PEP(tables, threshold_init=0.0)  # g = 0.5 > every initial |v|: everything is pruned
-    assert emb.threshold.shape == (3, 8) and PEP(tables, threshold_type="feature").threshold.shape == (3, 1)
+    shapes = {k: [tuple(t.shape) for t in PEP(tables, threshold_type=k).thresholds] for k in ("feature", "field")}
+    assert [tuple(t.shape) for t in emb.thresholds] == [(7, 8), (50, 8), (3000, 8)]  # per id and dim: the default
+    assert shapes == {"feature": [(7, 1), (50, 1), (3000, 1)], "field": [(1, 1)] * 3}
     assert torch.count_nonzero(emb.embeddings("f2", torch.arange(10))) == 0
     emb = PEP(tables, threshold_init=-15.0)
     with torch.no_grad():
-        emb.threshold[2, :4] = torch.logit(torch.tensor(0.002))  # dims 0..3 of t2: |v| shrinks by 0.002
+        emb.thresholds[2][:, :4] = torch.logit(torch.tensor(0.002))  # dims 0..3 of t2: |v| shrinks by 0.002
     w = emb.weight(2)[:5].detach()
     rows = emb.embeddings("f2", torch.arange(5))
     expected = torch.cat([torch.sign(w[:, :4]) * (w[:, :4].abs() - 0.002).clamp(min=0), w[:, 4:]], 1)
     torch.testing.assert_close(rows, expected, atol=1e-6, rtol=0)
     rows.pow(2).sum().backward()  # shrinking lowers this loss: the thresholds' gradient is negative (they grow)
-    assert (emb.threshold.grad[2, :4] < 0).all() and (emb.threshold.grad[:2] == 0).all()
+    grad = emb.thresholds[2].grad
+    assert (grad[:5, :4][w[:, :4].abs() > 0.002] < 0).all() and (grad[:5, :4][w[:, :4].abs() <= 0.002] == 0).all()
+    assert (grad[5:] == 0).all() and all(
+        t.grad is None or not t.grad.any() for t in emb.thresholds[:2]
+    )  # per id: only the ids read
+
+
+@pytest.mark.parametrize("decay", [1e-4, 0.0])
+def test_the_decay_lifts_every_threshold_about_threshold_lr_per_step(decay: float) -> None:
+    tables = make_tables()
+    emb = PEP(tables, threshold_lr=0.1, threshold_decay=decay)
+    (group,) = emb.stage_parameter_groups()
+    optimizer = group_optimizer(group, "pep")
+    for seed in range(10):
+        optimizer.zero_grad()
+        (1e-3 * emb(random_kjt(tables, batch=8, seed=seed)).values().mean()).backward()  # a CTR loss's size
+        optimizer.step()
+    rise = torch.cat([t.detach().reshape(-1) for t in emb.thresholds]) + 15.0
+    if decay:  # Adam normalises the decay's gradient: ~lr per step, ids read or not
+        assert ((rise - 1.0).abs() < 0.05).all()
+    else:  # the loss's gradient at t = -15 (times sigmoid'(-15) = 3e-7) is below Adam's epsilon: they stay put
+        assert (rise.abs() < 0.01).all()
 
 
 def test_the_mask_is_fixed_at_the_target_sparsity_within_one_percent() -> None:
@@ -69,7 +93,8 @@ def test_the_mask_is_fixed_at_the_target_sparsity_within_one_percent() -> None:
     emb.on_train_step(0)
     assert not bool(emb.mask_fixed)  # t = -15: nothing pruned yet
     with torch.no_grad():  # thresholds grown past the target (far more than needed: a step that overshoots)
-        emb.threshold.fill_(float(torch.logit(torch.tensor(0.9 * (1 / 7) ** 0.5))))
+        for t in emb.thresholds:
+            t.fill_(float(torch.logit(torch.tensor(0.9 * (1 / 7) ** 0.5))))
     emb.on_train_step(1)
     assert bool(emb.mask_fixed) and int(emb.reached_step) == 1
     assert 0.99 * target <= emb.memory_bytes() <= target  # the cut fills the budget
@@ -125,8 +150,10 @@ def test_bad_options_and_budgets_are_clear_errors() -> None:
     tables = make_tables()
     with pytest.raises(ValueError, match="stage must be one of"):
         PEP(tables, stage="search")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="threshold_type"):
+    with pytest.raises(ValueError, match="threshold_type one of"):
         PEP(tables, threshold_type="global")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threshold_lr must be > 0"):
+        PEP(tables, threshold_decay=-1.0)
     with pytest.raises(ValueError, match="one count per table"):
         PEP(tables, kept_entries=[1])
     with pytest.raises(ValueError, match="at least 6 bytes"):

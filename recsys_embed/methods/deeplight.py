@@ -4,11 +4,13 @@ Idea (Deng et al., WSDM'21, "DeepLight: Deep Lightweight Feature Interactions fo
 Serving", arXiv 2002.06987), in the VLDB'24 embedding compression benchmark's form (Zhang et al.):
 
 1. ``warmup``: dense training of full tables;
-2. ``prune``: every ``prune_every`` (10) steps, each table keeps its ``round((1 - s) * n * d)`` entries of largest
-   magnitude, ``s = target_sparsity * (1 - 0.99^(step / 100))``; masked entries give zero and stay zero (the forward
-   multiplies by the mask, so their gradient is zero, and the mask is re-applied to the weights after each step).
-   The schedule only approaches the target, so the stage ends with one prune to exactly the target
-   (:meth:`finish_stage`);
+2. ``prune``: every ``prune_every`` (10) steps the ``round((1 - s) * N)`` entries of largest magnitude over all
+   tables together are kept (one cut, as the benchmark prunes its one concatenated table: small, often-read tables
+   keep their entries, rare rows of large tables go), ``N`` every table's entries,
+   ``s = target_sparsity * (1 - 0.99^(step / 100))``; masked entries give zero and stay zero (the forward multiplies
+   by the mask, so their gradient is zero, and the mask is re-applied to the weights after each step). The schedule
+   only approaches the target, so the stage ends with one prune to exactly the target (:meth:`finish_stage`): the
+   largest entries that fit ``target_bytes`` (a budget), else ``target_sparsity``;
 3. ``finetune``: the kept entries train with the mask fixed.
 
 Rows are plain parameters of the method (not TorchRec collections): fused TBE tables update inside backward, where
@@ -19,14 +21,15 @@ The masks are buffers (``mask_i``), so checkpoints (resume) hold them.
 Memory: ``sum_t min(nnz_t * (4 + col_t) + n_t * ptr_t, nnz_t * (4 + row_t + col_t))``
 
 (CSR or COO, whichever is smaller, ints at the smallest dtype that fits: :mod:`sparse_format`), ``nnz_t``
-the target's kept entries. Every form serves (and evaluates) its entries cut to the target by magnitude; after the
-``prune`` stage that cut is its mask. A budget gives the target sparsity, index overhead included (every table keeps
-the same share of entries, at least one); ``compression_ratio()`` reports the ratio reached.
+table ``t``'s share of the target's kept entries. Every form serves (and evaluates) its entries cut to the target by
+magnitude; after the ``prune`` stage that cut is its mask. A budget gives ``target_bytes`` (the final cut, index
+overhead included) and the schedule's ``target_sparsity`` (the sparsity at which every table keeping the same share
+would fit); ``compression_ratio()`` reports the ratio reached.
 
 Example::
 
     emb = build_embedding("deeplight", tables, budget=Budget(ratio=10))  # stages: warmup, prune, finetune
-    emb = build_embedding("deeplight", tables, target_sparsity=0.9)
+    emb = build_embedding("deeplight", tables, target_sparsity=0.9)  # no budget: 10% of the entries kept
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from recsys_embed.methods.base import Budget, EmbeddingMethod, ParameterGroup, S
 from recsys_embed.methods.layouts import keyed
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.row_pruning import initial_rows
-from recsys_embed.methods.sparse_format import PackedSparseTables, packed_bytes
+from recsys_embed.methods.sparse_format import PackedSparseTables, largest_that_fit, packed_bytes
 from recsys_embed.methods.storage import TableOptions, TableStorage
 
 log = logging.getLogger(__name__)
@@ -56,22 +59,31 @@ def scheduled_sparsity(step: int, target: float) -> float:
 
 
 def kept_entries(table: EmbeddingBagConfig, sparsity: float) -> int:
-    """Entries a table keeps at ``sparsity`` (at least one)."""
+    """Entries a table keeps at ``sparsity`` if every table kept the same share (at least one)."""
     return max(1, int(round((1.0 - sparsity) * table.num_embeddings * table.embedding_dim)))
 
 
-def magnitude_mask(weight: torch.Tensor, keep: int) -> torch.Tensor:
-    """Bool mask of the ``keep`` entries of largest magnitude (exactly ``keep``; ties broken by position)."""
-    flat = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
-    flat[torch.topk(weight.detach().abs().flatten(), keep, sorted=False).indices] = True
-    return flat.view_as(weight)
+def magnitudes(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``|w|`` of the masked-in entries, -1 for pruned ones (so no cut brings them back)."""
+    return [torch.where(m, w.detach().abs(), -1.0) for w, m in zip(weights, masks)]
+
+
+def largest_entries(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], keep: int) -> list[torch.Tensor]:
+    """One cut over every table: masks of the ``keep`` masked-in entries of largest magnitude (exactly ``keep``, or
+    every masked-in entry if fewer; ties broken by position)."""
+    flat = torch.cat([m.reshape(-1) for m in magnitudes(weights, masks)])
+    kept = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    kept[torch.topk(flat, min(keep, flat.numel()), sorted=False).indices] = True
+    kept &= flat >= 0
+    return [k.view_as(m) for k, m in zip(kept.split([m.numel() for m in masks]), masks)]
 
 
 @register("deeplight")
 class DeepLight(EmbeddingMethod):
     """DeepLight: dense warm-up, gradual magnitude pruning of entries to a target sparsity, sparse serving."""
 
-    budget_knobs = ("target_sparsity",)
+    budget_knobs = ("target_sparsity", "target_bytes")
+    version = 2  # one magnitude cut over all tables (version 1: the same share per table)
 
     def __init__(
         self,
@@ -79,6 +91,7 @@ class DeepLight(EmbeddingMethod):
         *,
         stage: Literal["warmup", "prune", "finetune"] = "warmup",
         target_sparsity: float = 0.9,
+        target_bytes: int | None = None,
         prune_every: int = 10,
         rows_optimizer: str = "adagrad",
         rows_lr: float = 0.05,
@@ -99,6 +112,7 @@ class DeepLight(EmbeddingMethod):
                 f"(got {stage!r}, {target_sparsity}, {prune_every})."
             )
         self.stage, self.target_sparsity, self.prune_every, self.seed = stage, target_sparsity, prune_every, seed
+        self.target_bytes = target_bytes
         self.rows_optimizer, self.rows_lr = rows_optimizer, rows_lr
         dev = torch.device(device or "cpu")
         self.weights = nn.ParameterList()
@@ -109,6 +123,7 @@ class DeepLight(EmbeddingMethod):
             self.weights.append(nn.Parameter(w))
             everything = torch.ones(t.num_embeddings, t.embedding_dim, dtype=torch.bool, device=dev)
             self.register_buffer(f"mask_{i}", everything)
+        self.register_buffer("at_target", torch.tensor(False, device=dev))  # the mask is the final cut
         # declared method-owned: neither fused nor sharded; the dense optimizer trains them, the method masks them
         self.declare_storage(TableStorage("weights", tuple(self._tables), options=TableOptions(method_owned=True)))
         self._served_masks: list[torch.Tensor] | None = None
@@ -116,15 +131,21 @@ class DeepLight(EmbeddingMethod):
     def mask(self, i: int) -> torch.Tensor:
         return getattr(self, f"mask_{i}")
 
+    def masks(self) -> list[torch.Tensor]:
+        return [self.mask(i) for i in range(len(self._tables))]
+
     def target_masks(self) -> list[torch.Tensor]:
         """Per table, the served entries: the mask's entries cut to the target by magnitude (cached in eval)."""
+        if bool(self.at_target):
+            return self.masks()
         if self._served_masks is not None and not self.training:
             return self._served_masks
-        masks = []
-        for i, t in enumerate(self._tables):
-            keep = kept_entries(t, self.target_sparsity)
-            m = self.mask(i)
-            masks.append(m if int(m.sum()) == keep else magnitude_mask(self.weights[i] * m, keep))
+        with torch.no_grad():
+            if self.target_bytes is not None:
+                masks = largest_that_fit(magnitudes(self.weights, self.masks()), self.target_bytes, positive_only=True)
+            else:
+                total = sum(t.num_embeddings * t.embedding_dim for t in self._tables)
+                masks = largest_entries(self.weights, self.masks(), max(1, round((1 - self.target_sparsity) * total)))
         self._served_masks = None if self.training else masks
         return masks
 
@@ -152,9 +173,12 @@ class DeepLight(EmbeddingMethod):
 
     # ---- memory and the served form --------------------------------------------------------------------------------
     def memory_bytes(self) -> int:
-        return sum(
-            packed_bytes(t.num_embeddings, t.embedding_dim, kept_entries(t, self.target_sparsity)) for t in self._tables
-        )
+        shapes = [(t.num_embeddings, t.embedding_dim) for t in self._tables]
+        if self.at_target.is_meta:  # no weights to cut: the bound every served form meets
+            keep = max(1, round((1 - self.target_sparsity) * sum(n * d for n, d in shapes)))
+            bound = sum(packed_bytes(n, d, min(keep, n * d)) for n, d in shapes)
+            return min(bound, self.target_bytes) if self.target_bytes is not None else bound
+        return sum(packed_bytes(n, d, int(m.sum())) for (n, d), m in zip(shapes, self.target_masks()))
 
     def sparsity(self) -> float:
         """The current mask's share of zeroed entries (all tables)."""
@@ -163,8 +187,9 @@ class DeepLight(EmbeddingMethod):
 
     def to_serving(self) -> nn.Module:
         with torch.no_grad():
-            masked = [w.detach() * m for w, m in zip(self.weights, self.target_masks())]
-        return PackedSparseTables(self._tables, masked, method=self.name).eval()
+            masks = self.target_masks()
+            masked = [w.detach() * m for w, m in zip(self.weights, masks)]
+        return PackedSparseTables(self._tables, masked, method=self.name, masks=masks).eval()
 
     # ---- stages ------------------------------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
@@ -179,12 +204,15 @@ class DeepLight(EmbeddingMethod):
         return [ParameterGroup("rows", list(self.weights), optimizer=self.rows_optimizer, lr=self.rows_lr)]
 
     def prune_to(self, sparsity: float) -> None:
-        """Each table keeps its entries of largest magnitude at ``sparsity`` (never regrowing pruned ones)."""
+        """Keep the entries of largest magnitude over all tables at ``sparsity`` (never regrowing pruned ones)."""
+        total = sum(t.num_embeddings * t.embedding_dim for t in self._tables)
+        self._keep(largest_entries(self.weights, self.masks(), max(1, round((1 - sparsity) * total))))
+
+    def _keep(self, kept: Sequence[torch.Tensor]) -> None:
         with torch.no_grad():
-            for i, t in enumerate(self._tables):
-                m = self.mask(i)
-                m.copy_(magnitude_mask(self.weights[i] * m, min(kept_entries(t, sparsity), int(m.sum()))))
-                self.weights[i].mul_(m)
+            for i, k in enumerate(kept):
+                self.mask(i).copy_(k)
+                self.weights[i].mul_(k)
         self._served_masks = None
 
     def on_train_step(self, step: int) -> None:
@@ -202,7 +230,8 @@ class DeepLight(EmbeddingMethod):
         """Prune stage: one last prune to exactly the target (the schedule approaches it only asymptotically)."""
         if self.stage != "prune":
             return
-        self.prune_to(self.target_sparsity)
+        self._keep(self.target_masks())
+        self.at_target.fill_(True)
         log.info(
             "deeplight: sparsity %.4f (target %.4f), %d bytes, ratio %.2f",
             *(self.sparsity(), self.target_sparsity, self.memory_bytes(), self.compression_ratio()),
@@ -218,7 +247,8 @@ class DeepLight(EmbeddingMethod):
 
     @classmethod
     def from_budget(cls, tables: Sequence[EmbeddingBagConfig], budget: Budget, **options: object) -> DeepLight:
-        """The lowest target sparsity whose sparse tables fit the budget (index overhead included; bisection)."""
+        """``target_bytes`` = the budget's bytes; the schedule's ``target_sparsity``: the lowest at which every
+        table keeping the same share would fit (index overhead included; bisection)."""
         tables = check_tables(tables)
         allowed = budget.max_bytes(tables)
 
@@ -238,4 +268,4 @@ class DeepLight(EmbeddingMethod):
         for _ in range(60):
             mid = (low + high) / 2
             low, high = (low, mid) if fits(mid) else (mid, high)
-        return cls(tables, target_sparsity=high, **options)  # type: ignore[arg-type]
+        return cls(tables, target_sparsity=high, target_bytes=allowed, **options)  # type: ignore[arg-type]

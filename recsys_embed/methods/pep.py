@@ -2,9 +2,15 @@
 
 Idea (Liu et al., ICLR'21, "Learnable Embedding Sizes for Recommender Systems", arXiv 2101.07577):
 
-1. ``prune``: every looked-up row passes the soft threshold ``s(v) = sign(v) * relu(|v| - sigmoid(t))``, ``t`` per
-   table and dim (``threshold_type="feature_dim"``) or per table (``"feature"``), initialised very negative
-   (``threshold_init``, the paper's -15 .. -150) and learnt by the loss in its own Adam group (``threshold_lr``).
+1. ``prune``: every looked-up row passes the soft threshold ``s(v) = sign(v) * relu(|v| - sigmoid(t))``. The
+   paper's granularities (``threshold_type``): ``t`` per id and dim (``"feature_dim"``, the paper's best and the
+   default), per id (``"feature"``), per table and dim (``"field_dim"``) or per table (``"field"``). ``t`` starts
+   very negative (``threshold_init``, the paper's -15 .. -150) and trains in its own Adam group (``threshold_lr``)
+   with an L2 decay (``threshold_decay``, the weight decay of the reference code). The decay is what raises the
+   thresholds: at ``t = -15`` the loss's gradient on ``t`` carries a factor ``sigmoid'(-15) = 3e-7`` and (for a
+   mean loss) falls below Adam's epsilon, the decay's does not, so Adam moves every ``t`` up by about
+   ``threshold_lr`` per step until the loss's gradient holds back the entries it needs. A stage of ``S`` steps
+   therefore lifts ``sigmoid(t)`` to about ``sigmoid(threshold_init + S * threshold_lr)``.
    After each step the entries with ``|v| > sigmoid(t)`` are counted; at the first step whose count fits the
    budget the mask is fixed: the entries of largest margin ``|v| - sigmoid(t)`` that fill the budget (so the target
    is reached, not overshot). The stage runs its epochs; if the thresholds never reach the target, its end fixes
@@ -19,12 +25,13 @@ pooling); the method pools itself. The served form holds the kept entries only
 Memory: ``sum_t min(nnz_t * (4 + c_t) + n_t * p_t, nnz_t * (4 + r_t + c_t))`` bytes, the smaller of CSR and COO
 per table (``c_t``, ``r_t``, ``p_t``: bytes of the smallest int dtypes for a column, a row, a row end). The
 budget counts this index overhead; ``compression_ratio()`` reports the ratio reached. Trained forms also hold the
-full rows and a bool mask (``training_bytes()``).
+full rows and a bool mask (``training_bytes()``), the prune form also the thresholds (``"feature_dim"``: one
+float per entry, as many as the rows) and their Adam state.
 
 Example::
 
     emb = build_embedding("pep", tables, budget=Budget(ratio=10))  # stages: prune, retrain
-    emb = build_embedding("pep", tables, threshold_type="feature", threshold_init=-150.0)  # no budget
+    emb = build_embedding("pep", tables, threshold_type="field_dim", threshold_lr=0.05)  # no budget
 """
 
 from __future__ import annotations
@@ -42,34 +49,11 @@ from recsys_embed.methods.base import Budget, EmbeddingMethod, ParameterGroup, S
 from recsys_embed.methods.layouts import keyed, make_kjt
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.row_pruning import initial_rows
-from recsys_embed.methods.sparse_format import PackedSparseTable, packed_bytes
+from recsys_embed.methods.sparse_format import PackedSparseTable, largest_that_fit, packed_bytes
 
 log = logging.getLogger(__name__)
 STAGES = ("prune", "retrain")
-
-
-def largest_that_fit(margins: list[torch.Tensor], target_bytes: int, positive_only: bool) -> list[torch.Tensor]:
-    """Per table, the entries of largest margin (over every table: one cut) whose packed bytes fit ``target_bytes``;
-    entries tied with the first one left out are left out too. ``positive_only``: margins above 0 only."""
-    flat = torch.cat([m.reshape(-1) for m in margins]).float()
-    ordered = flat.sort(descending=True).values
-    ascending = [m.reshape(-1).float().sort().values for m in margins]
-
-    def fits(k: int) -> bool:  # keep every entry above the (k+1)-th largest margin
-        cut = float(ordered[k]) if k < ordered.numel() else -math.inf
-        counts = [a.numel() - int(torch.searchsorted(a, torch.tensor(cut), right=True)) for a in ascending]
-        return sum(packed_bytes(m.shape[0], m.shape[1], c) for m, c in zip(margins, counts)) <= target_bytes
-
-    lo, hi = 0, ordered.numel()  # fits(0) keeps nothing above the largest margin: always fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    kept = (
-        [m > ordered[lo] for m in margins]
-        if lo < ordered.numel()
-        else [torch.ones_like(m, dtype=torch.bool) for m in margins]
-    )
-    return [k & (m > 0) for k, m in zip(kept, margins)] if positive_only else kept
+THRESHOLD_TYPES = ("feature_dim", "feature", "field_dim", "field")
 
 
 @register("pep")
@@ -77,6 +61,7 @@ class PEP(EmbeddingMethod):
     """PEP: entries pruned by learnt soft thresholds, the mask retrained from the initial values."""
 
     budget_knobs = ("target_bytes",)
+    version = 2  # thresholds per id (feature_dim, feature) as in the paper; per table is field_dim, field
 
     def __init__(
         self,
@@ -84,9 +69,10 @@ class PEP(EmbeddingMethod):
         *,
         stage: Literal["prune", "retrain"] = "prune",
         target_bytes: int | None = None,
-        threshold_type: Literal["feature_dim", "feature"] = "feature_dim",
+        threshold_type: Literal["feature_dim", "feature", "field_dim", "field"] = "feature_dim",
         threshold_init: float = -15.0,
         threshold_lr: float = 1e-3,
+        threshold_decay: float = 1e-4,
         kept_entries: list[int] | None = None,
         seed: int = 0,
         validate_ids: bool = True,
@@ -99,12 +85,21 @@ class PEP(EmbeddingMethod):
                     f"Method 'pep': table {t.name!r} has {t.num_embeddings} rows; PEP trains every row of a table "
                     "(and a mask of each entry), so it needs fewer than 2^31 rows: use another method for this table."
                 )
-        if stage not in STAGES or threshold_type not in ("feature_dim", "feature"):
-            raise ValueError(f"Method 'pep': stage must be one of {STAGES}, threshold_type 'feature_dim' or 'feature'.")
+        if stage not in STAGES or threshold_type not in THRESHOLD_TYPES:
+            raise ValueError(
+                f"Method 'pep': stage must be one of {STAGES} (got {stage!r}) and threshold_type one of "
+                f"{THRESHOLD_TYPES} (got {threshold_type!r})."
+            )
+        if threshold_lr <= 0 or threshold_decay < 0:
+            raise ValueError(
+                f"Method 'pep': threshold_lr must be > 0 and threshold_decay >= 0 (got {threshold_lr}, "
+                f"{threshold_decay}); without decay the thresholds barely move from threshold_init."
+            )
         if kept_entries is not None and len(kept_entries) != len(self._tables):
             raise ValueError(f"Method 'pep': kept_entries {kept_entries} needs one count per table (the served form).")
         self.stage, self.target_bytes, self.threshold_type = stage, target_bytes, threshold_type
         self.threshold_init, self.threshold_lr, self.seed = threshold_init, threshold_lr, seed
+        self.threshold_decay = threshold_decay
         self.kept_entries = kept_entries
         self._cached: list[torch.Tensor] | None = None
         dev = torch.device(device or "cpu")
@@ -134,8 +129,12 @@ class PEP(EmbeddingMethod):
         with torch.no_grad():
             for i in range(len(self._tables) if dev.type != "meta" else 0):
                 self.weight(i).copy_(self.initial_rows(i))
-        width = max(t.embedding_dim for t in self._tables) if threshold_type == "feature_dim" else 1
-        self.threshold = nn.Parameter(torch.full((len(self._tables), width), float(threshold_init), device=dev))
+        per_id, per_dim = threshold_type.startswith("feature"), threshold_type.endswith("_dim")
+        self.thresholds = nn.ParameterList(
+            torch.full((t.num_embeddings if per_id else 1, t.embedding_dim if per_dim else 1), float(threshold_init),
+                       device=dev)
+            for t in self._tables
+        )  # fmt: skip
 
     # ---- rows ----------------------------------------------------------------------------------------------------
     def weight(self, i: int) -> torch.Tensor:
@@ -145,12 +144,14 @@ class PEP(EmbeddingMethod):
         """Table ``i``'s rows at initialisation, regenerated from ``seed`` (TorchRec's uniform init)."""
         return initial_rows(self._tables[i], self.seed, i).to(self.device)
 
-    def gate(self, i: int) -> torch.Tensor:
-        """``sigmoid(t)`` of table ``i``: ``(dim,)`` or ``(1,)``."""
-        return torch.sigmoid(self.threshold[i, : self._tables[i].embedding_dim])
+    def gate(self, i: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``sigmoid(t)`` of table ``i``, broadcastable to its rows (``ids``: to those rows only)."""
+        t = self.thresholds[i]
+        return torch.sigmoid(t if ids is None or t.shape[0] == 1 else t[ids])
 
-    def soft(self, i: int, v: torch.Tensor) -> torch.Tensor:
-        return torch.sign(v) * torch.relu(v.abs() - self.gate(i))
+    def soft(self, i: int, v: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The soft threshold of table ``i``'s rows ``v`` (all rows, or the rows of ``ids``)."""
+        return torch.sign(v) * torch.relu(v.abs() - self.gate(i, ids))
 
     def masks(self) -> list[torch.Tensor]:
         return [getattr(self, f"mask_{i}") for i in range(len(self._tables))]
@@ -207,7 +208,7 @@ class PEP(EmbeddingMethod):
             for f, j in zip(keys, idx):
                 i, v = self._table_index[j], looked_up[f].values().float()
                 if self.stage == "prune":
-                    v = self.soft(i, v)
+                    v = self.soft(i, v, ids[j])
                 rows[j] = v if masks is None else v * masks[i][ids[j]].to(v.dtype)
         return rows  # type: ignore[return-value]
 
@@ -243,10 +244,14 @@ class PEP(EmbeddingMethod):
     def stage_parameter_groups(self) -> list[ParameterGroup]:
         if self.stage != "prune" or self.kept_entries is not None:
             return []
-        return [ParameterGroup("thresholds", [self.threshold], optimizer="adam", lr=self.threshold_lr)]
+        return [
+            ParameterGroup("thresholds", list(self.thresholds), optimizer="adam", lr=self.threshold_lr,
+                           options={"weight_decay": self.threshold_decay})
+        ]  # fmt: skip
 
     def on_train_step(self, step: int) -> None:
         """Prune: once the entries above their thresholds fit the budget, fix the mask (filling the budget)."""
+        self._steps = step + 1
         if self.stage != "prune" or self.target_bytes is None or bool(self.mask_fixed):
             return
         with torch.no_grad():
@@ -270,10 +275,23 @@ class PEP(EmbeddingMethod):
         if self.stage != "prune" or bool(self.mask_fixed):
             return
         if self.target_bytes is not None:
-            log.warning("pep: the thresholds did not reach the target in this stage; the mask is the largest "
-                        "margins |v| - sigmoid(t) that fit (train longer or raise threshold_lr)")  # fmt: skip
+            log.warning("pep: %s", self._unreached_advice())
         self._fix(self.keep_masks())
         log.info("pep: mask fixed: %d bytes, ratio %.2f", self.memory_bytes(), self.compression_ratio())
+
+    def _unreached_advice(self) -> str:
+        """What the thresholds reached, and the ``threshold_lr`` that lifts them to the rows' median ``|v|`` in the
+        steps this stage ran (they rise about ``threshold_lr`` per step)."""
+        with torch.no_grad():
+            gate = max(float(self.gate(i).max()) for i in range(len(self._tables)))
+            values = torch.cat([self.weight(i).detach().abs().reshape(-1).float() for i in range(len(self._tables))])
+            median = min(max(float(values[:: max(values.numel() >> 20, 1)].median()), 1e-6), 1 - 1e-6)
+        lr = (math.log(median / (1 - median)) - self.threshold_init) / max(getattr(self, "_steps", 1), 1)
+        return (
+            f"the thresholds did not reach the target in this stage (largest sigmoid(t) {gate:.3g}, median |v| "
+            f"{median:.3g}); the mask is the largest margins |v| - sigmoid(t) that fit. To reach it by learning, "
+            f"train longer or raise threshold_lr to about {lr:.3g} (they rise ~threshold_lr per step)."
+        )
 
     def next_stage(self) -> EmbeddingMethod:
         if self.stage != "prune" or self.kept_entries is not None:

@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -60,6 +61,30 @@ def packed_format(num_rows: int, dim: int, nnz: int) -> str:
 def packed_bytes(num_rows: int, dim: int, nnz: int) -> int:
     """Bytes of ``nnz`` kept entries of a ``num_rows x dim`` table in its smaller format (the module's formula)."""
     return min(csr_bytes(num_rows, dim, nnz), coo_bytes(num_rows, dim, nnz))
+
+
+def largest_that_fit(margins: list[torch.Tensor], target_bytes: int, positive_only: bool) -> list[torch.Tensor]:
+    """Per table, the entries of largest margin (over every table: one cut) whose packed bytes fit ``target_bytes``;
+    entries tied with the first one left out are left out too. ``positive_only``: margins above 0 only."""
+    flat = torch.cat([m.reshape(-1) for m in margins]).float()
+    ordered = flat.sort(descending=True).values
+    ascending = [m.reshape(-1).float().sort().values for m in margins]
+
+    def fits(k: int) -> bool:  # keep every entry above the (k+1)-th largest margin
+        cut = float(ordered[k]) if k < ordered.numel() else -math.inf
+        counts = [a.numel() - int(torch.searchsorted(a, torch.tensor(cut), right=True)) for a in ascending]
+        return sum(packed_bytes(m.shape[0], m.shape[1], c) for m, c in zip(margins, counts)) <= target_bytes
+
+    lo, hi = 0, ordered.numel()  # fits(0) keeps nothing above the largest margin: always fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    kept = (
+        [m > ordered[lo] for m in margins]
+        if lo < ordered.numel()
+        else [torch.ones_like(m, dtype=torch.bool) for m in margins]
+    )
+    return [k & (m > 0) for k, m in zip(kept, margins)] if positive_only else kept
 
 
 class PackedSparseTable(nn.Module):
@@ -120,7 +145,14 @@ class PackedSparseTables(nn.Module):
     """Served element-sparse tables behind the EBC interface: a :class:`PackedSparseTable` per logical table (its
     nonzero entries of the given masked weights), each bag the sum of its ids' rows."""
 
-    def __init__(self, tables: Sequence[EmbeddingBagConfig], weights: Sequence[torch.Tensor], method: str) -> None:
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        weights: Sequence[torch.Tensor],
+        method: str,
+        masks: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """``masks``: the entries to keep per table (default: the nonzero entries of ``weights``)."""
         super().__init__()
         self._features = [f for t in tables for f in t.feature_names]
         self._bounds = IdBounds(  # the input checks of every served form: keys, and ids inside each table
@@ -132,8 +164,8 @@ class PackedSparseTables(nn.Module):
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._table_index = [i for i, t in enumerate(tables) for _ in t.feature_names]
         self.tables = nn.ModuleList()
-        for t, w in zip(tables, weights):
-            mask = w.detach() != 0
+        for i, (t, w) in enumerate(zip(tables, weights)):
+            mask = w.detach() != 0 if masks is None else masks[i]
             table = PackedSparseTable(t.num_embeddings, t.embedding_dim, int(mask.sum()), device=w.device)
             table.pack(w.detach(), mask)
             self.tables.append(table)
