@@ -36,7 +36,7 @@ def test_sparse_bytes_are_the_smaller_of_csr_and_coo_with_the_smallest_int_dtype
 
 def test_the_schedule_prunes_every_ten_steps_to_the_formula_and_masked_entries_stay_zero() -> None:
     tables = make_tables((7, 50, 3000), dim=8)
-    prune = DeepLight(tables, target_sparsity=0.8).next_stage()
+    prune = DeepLight(tables, target_sparsity=0.8, rows_optimizer="adam").next_stage()  # dense gradients
     assert prune.stage == "prune" and prune.sparsity() == 0
     optimizer = torch.optim.Adam(prune.parameters(), lr=0.05)
     kjt = random_kjt(tables, batch=64, seed=1, allow_empty=False)
@@ -68,6 +68,20 @@ def test_the_schedule_prunes_every_ten_steps_to_the_formula_and_masked_entries_s
     assert kept.min() >= dropped.max()  # the largest entries over all tables, one cut
     shares = [float(m.float().mean()) for m in prune.masks()]
     assert shares[0] > shares[2]  # the small table's larger entries (TorchRec's init scales with 1/sqrt(rows)) stay
+
+
+def test_adagrad_rows_get_sparse_gradients_of_the_batch_rows_only() -> None:
+    tables = make_tables((7, 50, 3000), dim=8)
+    emb = DeepLight(tables)  # rows_optimizer adagrad: sparse gradients
+    dense = DeepLight(tables, rows_optimizer="adam")
+    kjt = random_kjt(tables, batch=16, seed=3, allow_empty=False)
+    for form in (emb, dense):
+        form(kjt).values().pow(2).sum().backward()
+    grad = emb.weights[2].grad
+    assert grad.is_sparse and not dense.weights[2].grad.is_sparse
+    torch.testing.assert_close(grad.to_dense(), dense.weights[2].grad)  # the same gradient, stored sparse
+    read = kjt["f2"].values().unique()
+    assert set(grad.coalesce().indices()[0].tolist()) == set(read.tolist())
 
 
 def test_a_budget_gives_the_target_with_index_overhead_and_each_stage_serves_its_outputs() -> None:

@@ -14,8 +14,9 @@ Serving", arXiv 2002.06987), in the VLDB'24 embedding compression benchmark's fo
 3. ``finetune``: the kept entries train with the mask fixed.
 
 Rows are plain parameters of the method (not TorchRec collections): fused TBE tables update inside backward, where
-a mask cannot be re-applied before the next lookup; plain tables (method-owned: neither fused nor sharded) get dense
-gradients and their own optimizer (``rows_optimizer``, ``rows_lr``: Adagrad 0.05, like the fused tables' default).
+a mask cannot be re-applied before the next lookup; plain tables (method-owned: neither fused nor sharded) get their
+own optimizer (``rows_optimizer``, ``rows_lr``: Adagrad 0.05, like the fused tables' default), with sparse gradients
+(only the batch's rows) for the optimizers that take them (Adagrad, SGD) and dense ones otherwise.
 The masks are buffers (``mask_i``), so checkpoints (resume) hold them.
 
 Memory: ``sum_t min(nnz_t * (4 + col_t) + n_t * ptr_t, nnz_t * (4 + row_t + col_t))``
@@ -39,6 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
@@ -51,6 +53,7 @@ from recsys_embed.methods.storage import TableOptions, TableStorage
 
 log = logging.getLogger(__name__)
 STAGES = ("warmup", "prune", "finetune")
+SPARSE_GRAD_OPTIMIZERS = ("adagrad", "sgd")  # torch optimizers that update from sparse gradients
 
 
 def scheduled_sparsity(step: int, target: float) -> float:
@@ -166,7 +169,8 @@ class DeepLight(EmbeddingMethod):
         out = []
         for j in range(len(names)):
             i, bag_ids = self._table_index[j], ids[j]
-            rows = self.weights[i][bag_ids] * masks[i][bag_ids]
+            rows = F.embedding(bag_ids, self.weights[i], sparse=self.rows_optimizer in SPARSE_GRAD_OPTIMIZERS)
+            rows = rows * masks[i][bag_ids]
             owner = torch.arange(batch, device=rows.device).repeat_interleave(lengths[j], output_size=rows.shape[0])
             out.append(rows.new_zeros((batch, rows.shape[1])).index_add(0, owner, rows))
         return keyed(torch.cat(out, 1), names, self._length_per_key)
