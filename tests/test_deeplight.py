@@ -14,6 +14,7 @@ from recsys_embed.benchmark import expand_grid, load_results, parse_spec, run_sw
 from recsys_embed.methods import Budget, build_embedding
 from recsys_embed.methods.deeplight import DeepLight, scheduled_sparsity
 from recsys_embed.methods.sparse_format import packed_bytes, packed_format
+from recsys_embed.training.task_config import group_optimizer
 from tests.conftest import make_tables, random_kjt
 from tests.staged_cli import Killed, stage_state, staged_fit
 from tests.test_bench import small_spec
@@ -72,7 +73,7 @@ def test_the_schedule_prunes_every_ten_steps_to_the_formula_and_masked_entries_s
 
 def test_adagrad_rows_get_sparse_gradients_of_the_batch_rows_only() -> None:
     tables = make_tables((7, 50, 3000), dim=8)
-    emb = DeepLight(tables)  # rows_optimizer adagrad: sparse gradients
+    emb = DeepLight(tables, rows_optimizer="sgd")  # sparse gradients
     dense = DeepLight(tables, rows_optimizer="adam")
     kjt = random_kjt(tables, batch=16, seed=3, allow_empty=False)
     for form in (emb, dense):
@@ -82,6 +83,29 @@ def test_adagrad_rows_get_sparse_gradients_of_the_batch_rows_only() -> None:
     torch.testing.assert_close(grad.to_dense(), dense.weights[2].grad)  # the same gradient, stored sparse
     read = kjt["f2"].values().unique()
     assert set(grad.coalesce().indices()[0].tolist()) == set(read.tolist())
+
+
+def test_adagrad_rows_step_as_torch_adagrad_and_keep_their_state_from_stage_to_stage() -> None:
+    tables = make_tables((7, 50, 3000), dim=8)
+    emb = DeepLight(tables, target_sparsity=0.5)  # rows_optimizer adagrad, lr 0.05
+    reference = [torch.nn.Parameter(w.detach().clone()) for w in emb.weights]
+    (group,) = emb.stage_parameter_groups()
+    ours, theirs = group_optimizer(group, "deeplight"), torch.optim.Adagrad(reference, lr=0.05, eps=1e-10)
+    for seed in range(3):
+        kjt = random_kjt(tables, batch=16, seed=seed, allow_empty=False)
+        ours.zero_grad()
+        emb(kjt).values().pow(2).sum().backward()
+        ours.step()
+        theirs.zero_grad()
+        pooled = [torch.nn.functional.embedding_bag(kjt[f].values(), w, kjt[f].offsets(), mode="sum")
+                  for f, w in zip(("f0", "f1", "f2"), reference)]  # fmt: skip
+        torch.cat(pooled, 1).pow(2).sum().backward()
+        theirs.step()
+    for w, r in zip(emb.weights, reference):
+        torch.testing.assert_close(w.detach(), r.detach())
+    prune = emb.next_stage()  # the accumulators go on with the next stage (one continuous Adagrad run)
+    assert all(torch.equal(getattr(prune, f"adagrad_{i}"), getattr(emb, f"adagrad_{i}")) for i in range(3))
+    assert prune.adagrad_2.count_nonzero() > 0 and stored(prune.to_serving()) == prune.memory_bytes()
 
 
 def test_a_budget_gives_the_target_with_index_overhead_and_each_stage_serves_its_outputs() -> None:

@@ -16,7 +16,10 @@ Serving", arXiv 2002.06987), in the VLDB'24 embedding compression benchmark's fo
 Rows are plain parameters of the method (not TorchRec collections): fused TBE tables update inside backward, where
 a mask cannot be re-applied before the next lookup; plain tables (method-owned: neither fused nor sharded) get their
 own optimizer (``rows_optimizer``, ``rows_lr``: Adagrad 0.05, like the fused tables' default), with sparse gradients
-(only the batch's rows) for the optimizers that take them (Adagrad, SGD) and dense ones otherwise.
+(only the batch's rows) for the optimizers that take them (Adagrad, SGD) and dense ones otherwise. Adagrad's
+accumulators are buffers of the method (``adagrad_i``, scaling each gradient in a hook before an SGD step: exactly
+Adagrad), so they carry over from stage to stage like one continuous run; a stage's fresh Adagrad would give every
+entry a first step of ``rows_lr`` again and undo the warm-up (measured: val AUC 0.784 -> 0.753 over the finetune).
 The masks are buffers (``mask_i``), so checkpoints (resume) hold them.
 
 Memory: ``sum_t min(nnz_t * (4 + col_t) + n_t * ptr_t, nnz_t * (4 + row_t + col_t))``
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Literal
 
 import torch
@@ -126,13 +130,29 @@ class DeepLight(EmbeddingMethod):
             self.weights.append(nn.Parameter(w))
             everything = torch.ones(t.num_embeddings, t.embedding_dim, dtype=torch.bool, device=dev)
             self.register_buffer(f"mask_{i}", everything)
+            if rows_optimizer == "adagrad":
+                self.register_buffer(f"adagrad_{i}", torch.zeros(t.num_embeddings, t.embedding_dim, device=dev))
+                self.weights[i].register_hook(partial(self._adagrad_scaled, i))
         self.register_buffer("at_target", torch.tensor(False, device=dev))  # the mask is the final cut
-        # declared method-owned: neither fused nor sharded; the dense optimizer trains them, the method masks them
+        # declared method-owned: neither fused nor sharded; their own optimizer trains them, the method masks them
         self.declare_storage(TableStorage("weights", tuple(self._tables), options=TableOptions(method_owned=True)))
         self._served_masks: list[torch.Tensor] | None = None
 
     def mask(self, i: int) -> torch.Tensor:
         return getattr(self, f"mask_{i}")
+
+    def _adagrad_scaled(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        """Adagrad on table ``i``'s sparse gradient: add ``g^2`` to the rows' accumulators, give ``g / sqrt(sum)``
+        (the SGD step at ``rows_lr`` then is Adagrad's step)."""
+        accumulator = getattr(self, f"adagrad_{i}")
+        if not grad.is_sparse:
+            accumulator.add_(grad.square())
+            return grad / (accumulator.sqrt() + 1e-10)
+        grad = grad.coalesce()
+        rows, values = grad.indices()[0], grad.values()
+        accumulator.index_add_(0, rows, values.square())
+        scaled = values / (accumulator[rows].sqrt() + 1e-10)
+        return torch.sparse_coo_tensor(grad.indices(), scaled, grad.shape, is_coalesced=True)
 
     def masks(self) -> list[torch.Tensor]:
         return [self.mask(i) for i in range(len(self._tables))]
@@ -204,8 +224,10 @@ class DeepLight(EmbeddingMethod):
         ]
 
     def stage_parameter_groups(self) -> list[ParameterGroup]:
-        """The rows train with their own optimizer (default Adagrad 0.05, as fused tables would), not the dense one."""
-        return [ParameterGroup("rows", list(self.weights), optimizer=self.rows_optimizer, lr=self.rows_lr)]
+        """The rows train with their own optimizer (default Adagrad 0.05, as fused tables would), not the dense one;
+        Adagrad is an SGD step on the gradients its hook scaled (its state lives in the method)."""
+        optimizer = "sgd" if self.rows_optimizer == "adagrad" else self.rows_optimizer
+        return [ParameterGroup("rows", list(self.weights), optimizer=optimizer, lr=self.rows_lr)]
 
     def prune_to(self, sparsity: float) -> None:
         """Keep the entries of largest magnitude over all tables at ``sparsity`` (never regrowing pruned ones)."""
