@@ -37,7 +37,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -251,7 +250,6 @@ class PEP(EmbeddingMethod):
 
     def on_train_step(self, step: int) -> None:
         """Prune: once the entries above their thresholds fit the budget, fix the mask (filling the budget)."""
-        self._steps = step + 1
         if self.stage != "prune" or self.target_bytes is None or bool(self.mask_fixed):
             return
         with torch.no_grad():
@@ -274,24 +272,20 @@ class PEP(EmbeddingMethod):
         """Prune: if the thresholds never reached the target, fix the largest margins that fit (logged)."""
         if self.stage != "prune" or bool(self.mask_fixed):
             return
-        if self.target_bytes is not None:
-            log.warning("pep: %s", self._unreached_advice())
-        self._fix(self.keep_masks())
-        log.info("pep: mask fixed: %d bytes, ratio %.2f", self.memory_bytes(), self.compression_ratio())
-
-    def _unreached_advice(self) -> str:
-        """What the thresholds reached, and the ``threshold_lr`` that lifts them to the rows' median ``|v|`` in the
-        steps this stage ran (they rise about ``threshold_lr`` per step)."""
         with torch.no_grad():
-            gate = max(float(self.gate(i).max()) for i in range(len(self._tables)))
-            values = torch.cat([self.weight(i).detach().abs().reshape(-1).float() for i in range(len(self._tables))])
-            median = min(max(float(values[:: max(values.numel() >> 20, 1)].median()), 1e-6), 1 - 1e-6)
-        lr = (math.log(median / (1 - median)) - self.threshold_init) / max(getattr(self, "_steps", 1), 1)
-        return (
-            f"the thresholds did not reach the target in this stage (largest sigmoid(t) {gate:.3g}, median |v| "
-            f"{median:.3g}); the mask is the largest margins |v| - sigmoid(t) that fit. To reach it by learning, "
-            f"train longer or raise threshold_lr to about {lr:.3g} (they rise ~threshold_lr per step)."
-        )
+            above = sum(int((self.weight(i).abs() > self.gate(i)).sum()) for i in range(len(self._tables)))
+        self._fix(self.keep_masks())
+        if self.target_bytes is not None:
+            total = sum(t.num_embeddings * t.embedding_dim for t in self._tables)
+            kept = sum(int(m.sum()) for m in self.masks())
+            log.warning(
+                "pep: the thresholds did not reach the target in this stage: %.3g%% of the entries are above their "
+                "thresholds, the budget keeps %.3g%%; the mask is the largest margins |v| - sigmoid(t) that fit. To "
+                "reach it by learning, train the stage longer or raise threshold_lr (the thresholds rise about "
+                "threshold_lr per step) or threshold_decay (it outweighs the loss's hold on the entries it reads).",
+                100 * above / total, 100 * kept / total,
+            )  # fmt: skip
+        log.info("pep: mask fixed: %d bytes, ratio %.2f", self.memory_bytes(), self.compression_ratio())
 
     def next_stage(self) -> EmbeddingMethod:
         if self.stage != "prune" or self.kept_entries is not None:
