@@ -15,13 +15,16 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_scripts._common import matches
+from data_scripts._common import BadRows, SplitWriter, ctr_table, matches
+
+log = logging.getLogger(__name__)
 
 OOV_ID = 0
 
@@ -179,3 +182,35 @@ def random_split_codes(lines: np.ndarray, seed: int, fractions: Sequence[float] 
     u = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     bounds = np.cumsum(fractions)[:-1] / np.sum(fractions)
     return np.searchsorted(bounds, u, side="right").astype(np.int8)
+
+
+def write_split_rows(
+    writers: dict[str, SplitWriter],
+    id_counts: Sequence[np.ndarray],
+    codes: np.ndarray,
+    labels: np.ndarray,
+    dense: np.ndarray,
+    ids: np.ndarray,
+) -> None:
+    """Append a block's rows to the split writers by ``codes`` (index into ``writers``' order); count the train
+    rows' ids (``ids`` is ``(F, R)``) into ``id_counts``."""
+    for code, (split, writer) in enumerate(writers.items()):
+        mask = codes == code
+        if not mask.any():
+            continue
+        writer.write(ctr_table(labels[mask], dense[mask], ids[:, mask]))
+        if split == "train":
+            for f, counts in enumerate(id_counts):
+                counts += np.bincount(ids[f, mask], minlength=len(counts))
+
+
+def check_splits(rows: dict[str, int], bad: BadRows) -> None:
+    """Log the skipped rows; refuse an empty split (``rows``: rows written per split)."""
+    if bad.count:
+        log.warning("Skipped %d malformed rows in total.", bad.count)
+    for split, n in rows.items():
+        if n == 0:
+            raise ValueError(
+                f"The {split} split is empty: the input has too few rows for it, or every one of its rows was "
+                "malformed and skipped."
+            )

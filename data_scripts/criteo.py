@@ -61,14 +61,21 @@ from data_scripts._common import (
     atomic_output,
     count_lines,
     ctr_arrow_schema,
-    ctr_table,
     natural_key,
     prepare_output,
     save_dataset,
     validate,
 )
 from data_scripts._stream import stream_delimited
-from data_scripts._vocab import OOV_ID, ValueCounter, map_values, parse_decimal, parse_hex
+from data_scripts._vocab import (
+    OOV_ID,
+    ValueCounter,
+    check_splits,
+    map_values,
+    parse_decimal,
+    parse_hex,
+    write_split_rows,
+)
 from recsys_embed.data.schema import CTRSchema
 
 log = logging.getLogger(__name__)
@@ -221,7 +228,6 @@ def _write_criteo(
     log.info("Pass 2/2: mapping ids and writing %s", folder)
     id_counts = [np.zeros(n, dtype=np.int64) for n in cardinalities]
     writers = {split: SplitWriter(folder, split, ctr_arrow_schema(NUM_DENSE, NUM_SPARSE)) for split in SPLITS}
-    rows_written: dict[str, int] = {}
     try:
         quiet = BadRows(skip_bad_rows, quiet=True)
         for part in parts:
@@ -232,23 +238,10 @@ def _write_criteo(
                         for f in range(NUM_SPARSE)
                     ]
                 )
-                codes = part.split_codes(rows.lines)
-                for code, split in enumerate(SPLITS):
-                    mask = codes == code
-                    if not mask.any():
-                        continue
-                    writers[split].write(ctr_table(rows.labels[mask], rows.dense[mask], ids[:, mask]))
-                    if split == "train":
-                        for f in range(NUM_SPARSE):
-                            id_counts[f] += np.bincount(ids[f, mask], minlength=cardinalities[f])
+                write_split_rows(writers, id_counts, part.split_codes(rows.lines), rows.labels, rows.dense, ids)
     finally:
-        for split, writer in writers.items():
-            rows_written[split] = writer.close()
-    if bad.count:
-        log.warning("Skipped %d malformed rows in total.", bad.count)
-    for split, n in rows_written.items():
-        if n == 0:
-            raise ValueError(f"The {split} split is empty: every one of its rows was malformed and skipped.")
+        rows_written = {split: writer.close() for split, writer in writers.items()}
+    check_splits(rows_written, bad)
     source: dict[str, object] = {
         "dataset": "criteo-kaggle" if layout == "kaggle" else "criteo-1tb",
         "script": "data_scripts.criteo",
