@@ -27,11 +27,14 @@ from data_scripts._common import BadRows, SplitWriter, ctr_table, matches
 log = logging.getLogger(__name__)
 
 OOV_ID = 0
+MERGE_AT = 1 << 20
+"""A :class:`ValueCounter` merges its pending blocks once they hold this many keys (or as many as it has)."""
 
 _HEX = np.full(256, -1, dtype=np.int64)
 for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX[_c] = _i
     _HEX[bytes([_c]).upper()[0]] = _i
+_NIBBLE = np.where(_HEX >= 0, _HEX, 16).astype(np.uint8)  # 16: not a hex digit
 _UINT64_MAX = b"18446744073709551615"
 
 
@@ -49,19 +52,30 @@ def _binary_parts(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.nd
 def parse_hex(column: pa.Array | pa.ChunkedArray, max_digits: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hex strings of up to ``max_digits`` (<= 15) digits as ``(values int64, ok, empty)`` masks per row.
 
-    ``values`` is the number (0 where the row is empty or not ok); case does not matter.
+    ``values`` is the number (0 where the row is empty or not ok); case does not matter. One gather of the
+    ``(rows, max_digits)`` last characters of every value, read right to left.
     """
     offsets, data = _binary_parts(column)
     lengths = np.diff(offsets)
-    values = np.zeros(len(lengths), dtype=np.int64)
-    ok = lengths <= max_digits
-    for k in range(max_digits):  # the k-th digit from the right
-        has = ok & (lengths > k)
-        digit = _HEX[data[offsets[:-1][has] + lengths[has] - 1 - k]]
-        ok[has] &= digit >= 0
-        values[has] |= np.maximum(digit, 0) << (4 * k)
-    values[~ok] = 0
-    return values, ok, lengths == 0
+    empty = lengths == 0
+    if not len(data):
+        return np.zeros(len(lengths), np.int64), empty, empty
+    if max_digits == 8 and np.all(empty | (lengths == 8)):  # hashed values: 8 digits each, packed back to back
+        nibbles = _NIBBLE[data[offsets[0] : offsets[-1]].reshape(-1, 8)]
+        values = np.zeros(len(lengths), dtype=np.int64)
+        packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | (nibbles[:, 1::2] & 15))
+        values[~empty] = packed.view(">u4").reshape(-1)
+        ok = np.ones(len(lengths), dtype=bool)
+        ok[~empty] = nibbles.max(axis=1) < 16
+        values[~ok] = 0
+        return values, ok, empty
+    place = np.arange(max_digits)
+    present = place[None, :] < lengths[:, None]
+    index = np.where(present, offsets[1:, None] - 1 - place[None, :], 0)
+    digits = np.where(present, _HEX[data[index]], 0)
+    ok = (lengths <= max_digits) & (digits >= 0).all(axis=1)
+    values = np.where(ok, (digits << (4 * place)).sum(axis=1), 0)
+    return values, ok, empty
 
 
 def parse_decimal(
@@ -98,15 +112,16 @@ def parse_decimal(
 class ValueCounter:
     """Occurrence counts of integer keys over many blocks, merged lazily (amortized sort-based merging).
 
-    Memory: 16 bytes per distinct key, plus the pending blocks' distinct keys until the next merge.
+    Memory: 16 bytes per distinct key, plus the pending blocks' distinct keys (16 bytes each) until the next merge,
+    at most ``max(distinct keys, merge_at)`` of them: below 48 bytes per distinct key, whatever the rows.
     """
 
-    def __init__(self, merge_at: int = 1 << 22) -> None:
+    def __init__(self, merge_at: int | None = None) -> None:
         self.values: np.ndarray | None = None
         self.counts = np.empty(0, dtype=np.int64)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending_size = 0
-        self._merge_at = merge_at
+        self._merge_at = MERGE_AT if merge_at is None else merge_at
 
     def add(self, values: np.ndarray, weights: np.ndarray | None = None) -> None:
         """Count ``values`` (each once, or ``weights`` times)."""

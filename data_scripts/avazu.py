@@ -33,8 +33,9 @@ column that is not 8 hex digits, an integer column that is not an integer) raise
 and line; with ``--skip-bad-rows`` they are dropped, counted and the first few logged.
 
 Streaming (:mod:`data_scripts._stream`): two passes over blocks of ``--block-mb`` of text, count values in the
-train rows, then map and write. Memory: 16 bytes per distinct value (Avazu has ~9.4M) plus a few blocks, twice the
-vocabulary of one day during the time split's count pass (the last day is counted apart until it is known).
+train rows, then map and write. Memory: up to 48 bytes per distinct value while counting (Avazu has ~9.4M; the
+time split counts the latest day apart until it is known to be the last), 16 bytes after, plus about 40 blocks of
+text in pyarrow's reader (~320 MB at the default 8 MB) and the arrays of one block.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ import numpy as np
 import pyarrow.compute as pc
 
 from data_scripts._common import (
-    DEFAULT_BLOCK_BYTES,
     BadRows,
     SplitWriter,
     add_output_arguments,
@@ -61,7 +61,7 @@ from data_scripts._common import (
     save_dataset,
     validate,
 )
-from data_scripts._stream import read_first_line, stream_delimited
+from data_scripts._stream import STREAM_BLOCK_BYTES, read_first_line, stream_delimited
 from data_scripts._vocab import (
     OOV_ID,
     ValueCounter,
@@ -131,7 +131,7 @@ def check_header(path: str | Path) -> None:
     raise ValueError(f"{path}, line 1: expected the Avazu header {HEADER!r}, got {first[:300]!r}.")
 
 
-def read_avazu(path: str | Path, bad: BadRows, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[AvazuRows]:
+def read_avazu(path: str | Path, bad: BadRows, block_bytes: int = STREAM_BLOCK_BYTES) -> Iterator[AvazuRows]:
     """Stream the Avazu train CSV as validated, parsed blocks."""
     check_header(path)
     blocks = stream_delimited(
@@ -199,7 +199,7 @@ def prepare_avazu(
     seed: int = 0,
     min_count: int = 2,
     skip_bad_rows: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int = STREAM_BLOCK_BYTES,
     overwrite: bool = False,
 ) -> CTRSchema:
     """Convert the Avazu train CSV into a CTR dataset folder (see the module docstring for every rule).
@@ -301,7 +301,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-count", type=int, default=2, help="values seen fewer times in train map to OOV id 0 (default 2)"
     )
     parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of failing")
-    parser.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20, help="text read per block")
+    parser.add_argument(
+        "--block-mb",
+        type=float,
+        default=STREAM_BLOCK_BYTES / 2**20,
+        help="text per block (default 8; memory is about 40 blocks)",
+    )
     add_output_arguments(parser)
 
 

@@ -36,8 +36,9 @@ counted and the first few logged.
 Work is done in blocks of ``--block-mb`` of text (pyarrow's streaming CSV reader, :mod:`data_scripts._stream`) with
 vectorized numpy/pyarrow code and no Python object per row, in streaming passes: count the lines of the file holding
 val/test (to place the split boundaries), count categorical values in the train rows (and validate every row), then
-map and write. Memory is about 16 bytes per distinct categorical value (the full Kaggle set has ~33.8M at ``--min-
-count 1``) plus a few blocks of rows, not the whole dataset. With ``--days`` (Criteo 1TB) the files are read one by
+map and write. Memory: up to 48 bytes per distinct categorical value while counting (the full Kaggle set has ~33.8M
+at ``--min-count 1``), 16 after, plus about 40 blocks of text in pyarrow's reader (~320 MB at the default ``--block-
+mb 8``) and the arrays of one block, not the whole dataset. With ``--days`` (Criteo 1TB) the files are read one by
 one in each pass, so only the vocabularies grow with the data.
 """
 
@@ -54,7 +55,6 @@ from typing import Literal
 import numpy as np
 
 from data_scripts._common import (
-    DEFAULT_BLOCK_BYTES,
     BadRows,
     SplitWriter,
     add_output_arguments,
@@ -66,7 +66,7 @@ from data_scripts._common import (
     save_dataset,
     validate,
 )
-from data_scripts._stream import stream_delimited
+from data_scripts._stream import STREAM_BLOCK_BYTES, stream_delimited
 from data_scripts._vocab import (
     OOV_ID,
     ValueCounter,
@@ -115,7 +115,7 @@ class _Part:
         return np.searchsorted(np.array([self.train_end, self.val_end], dtype=np.int64), lines, side="left")
 
 
-def read_criteo(path: str | Path, bad: BadRows, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[CriteoRows]:
+def read_criteo(path: str | Path, bad: BadRows, block_bytes: int = STREAM_BLOCK_BYTES) -> Iterator[CriteoRows]:
     """Stream a Criteo TSV file as validated, parsed blocks (dense already ``log(max(x, 0) + 1)``)."""
     rows = stream_delimited(path, COLUMNS, delimiter="\t", bad=bad, layout=LAYOUT, block_bytes=block_bytes)
     for table, lines in rows:
@@ -168,7 +168,7 @@ def prepare_criteo(
     layout: Literal["kaggle", "days"] = "kaggle",
     min_count: int = 3,
     skip_bad_rows: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int = STREAM_BLOCK_BYTES,
     overwrite: bool = False,
 ) -> CTRSchema:
     """Convert Criteo TSV data into a CTR dataset folder (see the module docstring for every rule).
@@ -290,7 +290,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-count", type=int, default=3, help="values seen fewer times in train map to OOV id 0 (default 3)"
     )
     parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of failing")
-    parser.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20, help="text read per block")
+    parser.add_argument(
+        "--block-mb",
+        type=float,
+        default=STREAM_BLOCK_BYTES / 2**20,
+        help="text per block (default 8; memory is about 40 blocks)",
+    )
     add_output_arguments(parser)
 
 

@@ -30,8 +30,9 @@ of its line number (:func:`data_scripts._vocab.random_split_codes`; the rows of 
 
 Malformed rows (not 12 fields, a field that is not a non-negative integer, ``impression`` 0, more clicks than
 impressions) raise ``ValueError`` naming the file and line; with ``--skip-bad-rows`` they are dropped, counted and
-the first few logged. Streaming (:mod:`data_scripts._stream`): two passes (count, then map and write), memory 16
-bytes per distinct value plus a few blocks, and 10 bytes per user of the profile file.
+the first few logged. Streaming (:mod:`data_scripts._stream`): two passes (count, then map and write); memory up
+to 48 bytes per distinct value while counting, 16 after, about 40 blocks of text in pyarrow's reader (~320 MB at
+the default ``--block-mb 8``), the arrays of one block, and 10 bytes per user of the profile file.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from pathlib import Path
 import numpy as np
 
 from data_scripts._common import (
-    DEFAULT_BLOCK_BYTES,
     BadRows,
     SplitWriter,
     add_output_arguments,
@@ -56,7 +56,7 @@ from data_scripts._common import (
     save_dataset,
     validate,
 )
-from data_scripts._stream import stream_delimited
+from data_scripts._stream import STREAM_BLOCK_BYTES, stream_delimited
 from data_scripts._vocab import (
     OOV_ID,
     ValueCounter,
@@ -90,7 +90,7 @@ class KDDRows:
     keys: np.ndarray
 
 
-def read_kdd12(path: str | Path, bad: BadRows, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[KDDRows]:
+def read_kdd12(path: str | Path, bad: BadRows, block_bytes: int = STREAM_BLOCK_BYTES) -> Iterator[KDDRows]:
     """Stream ``training.txt`` as validated, parsed blocks (keys as uint64)."""
     for table, lines in stream_delimited(
         path, COLUMNS, delimiter="\t", bad=bad, layout=LAYOUT, block_bytes=block_bytes
@@ -167,7 +167,7 @@ def prepare_kdd12(
     seed: int = 0,
     min_count: int = 10,
     skip_bad_rows: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int = STREAM_BLOCK_BYTES,
     overwrite: bool = False,
 ) -> CTRSchema:
     """Convert KDD Cup 2012 track 2 ``training.txt`` into a CTR dataset folder (rules: the module docstring)."""
@@ -246,7 +246,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-count", type=int, default=10, help="values seen fewer times in train map to OOV id 0 (default 10)"
     )
     parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of failing")
-    parser.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20, help="text read per block")
+    parser.add_argument(
+        "--block-mb",
+        type=float,
+        default=STREAM_BLOCK_BYTES / 2**20,
+        help="text per block (default 8; memory is about 40 blocks)",
+    )
     add_output_arguments(parser)
 
 
