@@ -135,3 +135,25 @@ def test_memory_does_not_grow_with_the_rows(tmp_path: Path, script: str, monkeyp
     # rows kept in memory would cost at least their text (binary columns hold every byte): growth >= extra_input;
     # what is left is the timing of pyarrow's read-ahead threads
     assert large - small < 0.2 * extra_input, (small, large, extra_input)
+
+
+@pytest.mark.parametrize("script", ["avazu", "kdd12"])
+def test_the_output_trains_with_fit(tmp_path: Path, script: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``recsys-embed fit`` (the Frappe DCN settings: no dense features) runs a few steps and a test pass on the
+    folder a new script wrote."""
+    import csv
+
+    from recsys_embed.cli import main as cli_main
+
+    if script == "avazu":
+        avazu.prepare_avazu(write_avazu(tmp_path / "train.csv", 4000, seed=1, days=3), tmp_path / "data")
+    else:
+        kdd12.prepare_kdd12(write_kdd12(tmp_path / "training.txt", 4000, seed=1), tmp_path / "data", min_count=2)
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[1] / "experiments" / "ctr" / "frappe_dcn.yaml")
+    args = ["fit", "--config", config, "--data.data_dir=data", "--data.batch_size=256", "--trainer.max_steps=6"]
+    args += ["--trainer.val_check_interval=3"]
+    args += ["--trainer.enable_progress_bar=false", "--test_after_fit=true"]
+    assert cli_main(args) is None
+    (metrics,) = tmp_path.glob("runs/frappe_dcn/lightning_logs/*/metrics.csv")
+    assert any(row.get("test/auc") for row in csv.DictReader(metrics.open()))
