@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
-from data_scripts._common import BadRows
+from data_scripts._common import BadRows, add_output_arguments
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +152,32 @@ def stream_delimited(
             raise ValueError(f"{path}: cannot be read as {layout}: {exc}") from None
         rejected, fields = skipped.pop_until(np.iinfo(np.int64).max)
         bad.report(path, rejected, describe(fields))
+
+
+def add_stream_arguments(parser: argparse.ArgumentParser, *, min_count: int) -> None:
+    """The options the streaming scripts share: ``--min-count``, ``--skip-bad-rows``, ``--block-mb`` and the
+    output options."""
+    parser.add_argument(
+        "--min-count",
+        type=int,
+        default=min_count,
+        help=f"values seen fewer times in train map to OOV id 0 (default {min_count})",
+    )
+    parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of failing")
+    parser.add_argument(
+        "--block-mb",
+        type=float,
+        default=STREAM_BLOCK_BYTES / 2**20,
+        help="text per block (default 8; memory is about 40 blocks)",
+    )
+    add_output_arguments(parser)
+
+
+def stream_options(args: argparse.Namespace) -> dict[str, object]:
+    """The keyword arguments of a ``prepare_*`` function from :func:`add_stream_arguments`' options."""
+    return {
+        "min_count": args.min_count,
+        "skip_bad_rows": args.skip_bad_rows,
+        "block_bytes": max(int(args.block_mb * 2**20), 1),
+        "overwrite": args.overwrite,
+    }

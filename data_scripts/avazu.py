@@ -54,14 +54,19 @@ import pyarrow.compute as pc
 from data_scripts._common import (
     BadRows,
     SplitWriter,
-    add_output_arguments,
     atomic_output,
     ctr_arrow_schema,
     prepare_output,
     save_dataset,
     validate,
 )
-from data_scripts._stream import STREAM_BLOCK_BYTES, read_first_line, stream_delimited
+from data_scripts._stream import (
+    STREAM_BLOCK_BYTES,
+    add_stream_arguments,
+    read_first_line,
+    stream_delimited,
+    stream_options,
+)
 from data_scripts._vocab import (
     OOV_ID,
     ValueCounter,
@@ -297,17 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="time: last day halved into val/test (default); random: seeded 8:1:1",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
-    parser.add_argument(
-        "--min-count", type=int, default=2, help="values seen fewer times in train map to OOV id 0 (default 2)"
-    )
-    parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of failing")
-    parser.add_argument(
-        "--block-mb",
-        type=float,
-        default=STREAM_BLOCK_BYTES / 2**20,
-        help="text per block (default 8; memory is about 40 blocks)",
-    )
-    add_output_arguments(parser)
+    add_stream_arguments(parser, min_count=2)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -317,10 +312,7 @@ def run(args: argparse.Namespace) -> None:
         args.output,
         split=args.split,
         seed=args.seed,
-        min_count=args.min_count,
-        skip_bad_rows=args.skip_bad_rows,
-        block_bytes=max(int(args.block_mb * 2**20), 1),
-        overwrite=args.overwrite,
+        **stream_options(args),
     )
 
 

@@ -57,7 +57,6 @@ import numpy as np
 from data_scripts._common import (
     BadRows,
     SplitWriter,
-    add_output_arguments,
     atomic_output,
     count_lines,
     ctr_arrow_schema,
@@ -66,7 +65,7 @@ from data_scripts._common import (
     save_dataset,
     validate,
 )
-from data_scripts._stream import STREAM_BLOCK_BYTES, stream_delimited
+from data_scripts._stream import STREAM_BLOCK_BYTES, add_stream_arguments, stream_delimited, stream_options
 from data_scripts._vocab import (
     OOV_ID,
     ValueCounter,
@@ -286,17 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Criteo 1TB day files (any order: sorted by the day number in their names); the last day is halved "
         "into val/test",
     )
-    parser.add_argument(
-        "--min-count", type=int, default=3, help="values seen fewer times in train map to OOV id 0 (default 3)"
-    )
-    parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of failing")
-    parser.add_argument(
-        "--block-mb",
-        type=float,
-        default=STREAM_BLOCK_BYTES / 2**20,
-        help="text per block (default 8; memory is about 40 blocks)",
-    )
-    add_output_arguments(parser)
+    add_stream_arguments(parser, min_count=3)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -305,10 +294,7 @@ def run(args: argparse.Namespace) -> None:
         [args.input] if args.input else args.days,
         args.output,
         layout="kaggle" if args.input else "days",
-        min_count=args.min_count,
-        skip_bad_rows=args.skip_bad_rows,
-        block_bytes=max(int(args.block_mb * 2**20), 1),
-        overwrite=args.overwrite,
+        **stream_options(args),
     )
 
 

@@ -49,14 +49,13 @@ import numpy as np
 from data_scripts._common import (
     BadRows,
     SplitWriter,
-    add_output_arguments,
     atomic_output,
     ctr_arrow_schema,
     prepare_output,
     save_dataset,
     validate,
 )
-from data_scripts._stream import STREAM_BLOCK_BYTES, stream_delimited
+from data_scripts._stream import STREAM_BLOCK_BYTES, add_stream_arguments, stream_delimited, stream_options
 from data_scripts._vocab import (
     OOV_ID,
     ValueCounter,
@@ -242,17 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--expand-impressions", action="store_true", help="one row per impression instead of one per line"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random 8:1:1 split (default 0)")
-    parser.add_argument(
-        "--min-count", type=int, default=10, help="values seen fewer times in train map to OOV id 0 (default 10)"
-    )
-    parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of failing")
-    parser.add_argument(
-        "--block-mb",
-        type=float,
-        default=STREAM_BLOCK_BYTES / 2**20,
-        help="text per block (default 8; memory is about 40 blocks)",
-    )
-    add_output_arguments(parser)
+    add_stream_arguments(parser, min_count=10)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -263,10 +252,7 @@ def run(args: argparse.Namespace) -> None:
         user_profile=args.user_profile,
         expand_impressions=args.expand_impressions,
         seed=args.seed,
-        min_count=args.min_count,
-        skip_bad_rows=args.skip_bad_rows,
-        block_bytes=max(int(args.block_mb * 2**20), 1),
-        overwrite=args.overwrite,
+        **stream_options(args),
     )
 
 
