@@ -84,8 +84,9 @@ def parse_decimal(
     """Decimal integers as ``(values, ok)``: int64 (``-?[0-9]{1,18}``) or uint64 (up to 2**64 - 1).
 
     ``empty``: the value of an empty field (``None``: an empty field is not ok). Bad rows get 0. The fast path is
-    pyarrow's cast; a block where it fails (or that holds an ``x``, which the cast would read as a hex prefix) is
-    checked row by row with a regex.
+    pyarrow's cast, taken only where it accepts exactly what the regex does (no ``x``, which it would read as a hex
+    prefix; no longer values, so leading zeros count); any other block is checked row by row with the regex, so
+    which rows are ok never depends on the block.
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -93,8 +94,9 @@ def parse_decimal(
     if empty is not None:
         blank = pc.equal(pc.binary_length(column), 0)
         column = pc.if_else(blank, pa.scalar(str(empty).encode(), pa.binary()), column)
-    _, data = _binary_parts(column)
-    if not np.any((data == ord("x")) | (data == ord("X"))):
+    offsets, data = _binary_parts(column)
+    short = not len(column) or int(np.diff(offsets).max()) <= (20 if unsigned else 18)
+    if short and not np.any((data == ord("x")) | (data == ord("X"))):
         try:
             return column.cast(kind).to_numpy(zero_copy_only=False), np.ones(len(column), dtype=bool)
         except pa.ArrowInvalid:

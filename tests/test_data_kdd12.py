@@ -154,3 +154,22 @@ def test_kdd12_profile_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"userid_profile.txt, line 2: gender is '3', expected 0, 1 or 2"):
         kdd12.prepare_kdd12(source, tmp_path / "out", user_profile=profiles)
     assert not (tmp_path / "out").exists()
+
+
+def test_parse_decimal_does_not_depend_on_the_block() -> None:
+    """The same value is ok or not whether or not its block holds a bad value (cast fast path vs regex path)."""
+    import pyarrow as pa
+
+    from data_scripts._vocab import parse_decimal
+
+    values = [b"007", b"-42", b"9" * 18, b"-" + b"9" * 18, b"1" * 19, b"0x1f", b"+3", b"", b"1.0"]
+    expected_ok = [True, True, True, True, False, False, False, False, False]
+    for value, ok in zip(values, expected_ok):
+        for block in ([value], [value, b"bad"], [b"5", value]):
+            _, got = parse_decimal(pa.array(block, pa.binary()))
+            assert got[block.index(value)] == ok, (value, block)
+    uint = [b"18446744073709551615", b"18446744073709551616", b"0" * 19 + b"1", b"0" * 21 + b"1", b"-0"]
+    for value, ok in zip(uint, [True, False, True, False, False]):
+        for block in ([value], [value, b"bad"]):
+            _, got = parse_decimal(pa.array(block, pa.binary()), unsigned=True)
+            assert got[0] == ok, (value, block)
