@@ -33,10 +33,13 @@ Malformed rows (a wrong number of fields, a label other than 0/1, a non-integer 
 up to 8 hex digits) raise ``ValueError`` naming the file and line; with ``--skip-bad-rows`` they are dropped,
 counted and the first few logged.
 
-Work is done in blocks of ``--block-mb`` of text with vectorized numpy/pyarrow code, in three streaming passes:
-count lines (of the file holding val/test), count categorical values in the train rows (and validate every
-row), then map and write. Memory is about 16 bytes per distinct categorical value (the full Kaggle set has
-~33.8M) plus a few blocks of rows, not the whole dataset.
+Work is done in blocks of ``--block-mb`` of text (pyarrow's streaming CSV reader, :mod:`data_scripts._stream`) with
+vectorized numpy/pyarrow code and no Python object per row, in streaming passes: count the lines of the file holding
+val/test (to place the split boundaries), count categorical values in the train rows (and validate every row), then
+map and write. Memory: up to 48 bytes per distinct categorical value while counting (the full Kaggle set has ~33.8M
+at ``--min-count 1``), 16 after, plus about 40 blocks of text in pyarrow's reader (~320 MB at the default ``--block-
+mb 8``) and the arrays of one block, not the whole dataset. With ``--days`` (Criteo 1TB) the files are read one by
+one in each pass, so only the vocabularies grow with the data.
 """
 
 from __future__ import annotations
@@ -50,25 +53,27 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from data_scripts._common import (
-    DEFAULT_BLOCK_BYTES,
     BadRows,
     SplitWriter,
-    add_output_arguments,
     atomic_output,
     count_lines,
     ctr_arrow_schema,
-    ctr_table,
-    matches,
     natural_key,
-    parse_ints,
     prepare_output,
-    read_delimited,
     save_dataset,
     validate,
+)
+from data_scripts._stream import STREAM_BLOCK_BYTES, add_stream_arguments, stream_delimited, stream_options
+from data_scripts._vocab import (
+    OOV_ID,
+    ValueCounter,
+    check_splits,
+    map_values,
+    parse_decimal,
+    parse_hex,
+    write_split_rows,
 )
 from recsys_embed.data.schema import CTRSchema
 
@@ -80,16 +85,10 @@ INT_COLUMNS = [f"I{j}" for j in range(1, NUM_DENSE + 1)]
 CAT_COLUMNS = [f"C{k}" for k in range(1, NUM_SPARSE + 1)]
 COLUMNS = ["label", *INT_COLUMNS, *CAT_COLUMNS]
 LAYOUT = "label, I1..I13, C1..C26; Criteo's unlabelled test files are not supported"
-OOV_ID = 0
 MISSING_ID = 1
 FIRST_VALUE_ID = 2
 SPLITS = ("train", "val", "test")
 _NEVER = np.iinfo(np.int64).max
-
-_HEX = np.full(256, -1, dtype=np.int64)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX[_c] = _i
-    _HEX[bytes([_c]).upper()[0]] = _i
 
 
 @dataclass
@@ -115,86 +114,23 @@ class _Part:
         return np.searchsorted(np.array([self.train_end, self.val_end], dtype=np.int64), lines, side="left")
 
 
-def parse_hex(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Validated hex strings of up to 8 digits as int64 values; empty strings become ``-1``."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if len(column) == 0:
-        return np.empty(0, dtype=np.int64)
-    empty = pc.equal(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
-    padded = pc.utf8_lpad(column.cast(pa.string()), width=8, padding="0").cast(pa.binary(8))
-    raw = np.frombuffer(padded.buffers()[1], dtype=np.uint8)
-    digits = _HEX[raw[8 * padded.offset : 8 * (padded.offset + len(padded))].reshape(-1, 8)]
-    values = np.zeros(len(padded), dtype=np.int64)
-    for k in range(8):
-        values = (values << 4) | digits[:, k]
-    values[empty] = -1
-    return values
-
-
-def read_criteo(path: str | Path, bad: BadRows, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[CriteoRows]:
+def read_criteo(path: str | Path, bad: BadRows, block_bytes: int = STREAM_BLOCK_BYTES) -> Iterator[CriteoRows]:
     """Stream a Criteo TSV file as validated, parsed blocks (dense already ``log(max(x, 0) + 1)``)."""
-    for table, lines in read_delimited(path, COLUMNS, delimiter=b"\t", bad=bad, layout=LAYOUT, block_bytes=block_bytes):
-        label_ok = pc.is_in(table["label"], value_set=pa.array([b"0", b"1"], pa.binary()))
-        checks = [("label", "0 or 1", label_ok.to_numpy(zero_copy_only=False))]
-        checks += [(c, "an integer or empty", matches(table[c], r"-?[0-9]{1,18}|")) for c in INT_COLUMNS]
-        checks += [(c, "up to 8 hex digits or empty", matches(table[c], r"[0-9a-fA-F]{0,8}")) for c in CAT_COLUMNS]
-        table, lines = validate(table, lines, checks, path, bad)
-        if not len(lines):
+    rows = stream_delimited(path, COLUMNS, delimiter="\t", bad=bad, layout=LAYOUT, block_bytes=block_bytes)
+    for table, lines in rows:
+        label, label_ok = parse_decimal(table["label"])
+        ints = [parse_decimal(table[c], empty=0) for c in INT_COLUMNS]
+        cats = [parse_hex(table[c]) for c in CAT_COLUMNS]
+        checks = [("label", "0 or 1", label_ok & ((label == 0) | (label == 1)))]
+        checks += [(c, "an integer or empty", ok) for c, (_, ok) in zip(INT_COLUMNS, ints)]
+        checks += [(c, "up to 8 hex digits or empty", ok) for c, (_, ok, _) in zip(CAT_COLUMNS, cats)]
+        ok = np.logical_and.reduce([mask for _, _, mask in checks])
+        table, kept = validate(table, lines, checks, path, bad)
+        if not len(kept):
             continue
-        labels = pc.equal(table["label"], pa.scalar(b"1", pa.binary())).to_numpy(zero_copy_only=False)
-        ints = np.stack([parse_ints(table[c]) for c in INT_COLUMNS], axis=1)
-        dense = np.log1p(np.maximum(ints, 0)).astype(np.float32)
-        values = np.stack([parse_hex(table[c]) for c in CAT_COLUMNS])
-        yield CriteoRows(lines, labels.astype(np.float32), dense, values)
-
-
-class ValueCounter:
-    """Occurrence counts of non-negative int64 values, merged lazily (amortized sort-based merging)."""
-
-    def __init__(self, merge_at: int = 1 << 22) -> None:
-        self.values = np.empty(0, dtype=np.int64)
-        self.counts = np.empty(0, dtype=np.int64)
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self._pending_size = 0
-        self._merge_at = merge_at
-
-    def add(self, values: np.ndarray) -> None:
-        values = values[values >= 0]
-        if not len(values):
-            return
-        distinct, counts = np.unique(values, return_counts=True)
-        self._pending.append((distinct, counts))
-        self._pending_size += len(distinct)
-        if self._pending_size >= max(len(self.values), self._merge_at):
-            self._merge()
-
-    def _merge(self) -> None:
-        if not self._pending:
-            return
-        values = np.concatenate([self.values, *(v for v, _ in self._pending)])
-        counts = np.concatenate([self.counts, *(c for _, c in self._pending)])
-        self.values, inverse = np.unique(values, return_inverse=True)
-        # float64 weights are exact for counts below 2**53
-        self.counts = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(self.values)).astype(np.int64)
-        self._pending, self._pending_size = [], 0
-
-    def kept(self, min_count: int) -> np.ndarray:
-        """Sorted values seen at least ``min_count`` times."""
-        self._merge()
-        return self.values[self.counts >= min_count]
-
-
-def map_values(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
-    """Raw values -> ids: ``FIRST_VALUE_ID + index`` in the sorted ``vocabulary``, else OOV; ``-1`` -> missing."""
-    pos = np.searchsorted(vocabulary, values)
-    if len(vocabulary):
-        hit = vocabulary[np.minimum(pos, len(vocabulary) - 1)] == values
-    else:
-        hit = np.zeros(len(values), dtype=bool)
-    ids = np.where(hit, pos + FIRST_VALUE_ID, OOV_ID)
-    ids[values < 0] = MISSING_ID
-    return ids.astype(np.int64)
+        dense = np.log1p(np.maximum(np.stack([v[ok] for v, _ in ints], axis=1), 0)).astype(np.float32)
+        values = np.stack([np.where(empty, -1, v)[ok] for v, _, empty in cats])
+        yield CriteoRows(kept, label[ok].astype(np.float32), dense, values)
 
 
 def _plan(inputs: Sequence[Path], layout: str, block_bytes: int) -> list[_Part]:
@@ -231,7 +167,7 @@ def prepare_criteo(
     layout: Literal["kaggle", "days"] = "kaggle",
     min_count: int = 3,
     skip_bad_rows: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int = STREAM_BLOCK_BYTES,
     overwrite: bool = False,
 ) -> CTRSchema:
     """Convert Criteo TSV data into a CTR dataset folder (see the module docstring for every rule).
@@ -281,7 +217,8 @@ def _write_criteo(
             train = rows.lines <= part.train_end
             if train.any():
                 for f in range(NUM_SPARSE):
-                    counters[f].add(rows.values[f, train])
+                    values = rows.values[f, train]
+                    counters[f].add(values[values >= 0])
     vocabularies = [counter.kept(min_count) for counter in counters]
     cardinalities = [len(v) + FIRST_VALUE_ID for v in vocabularies]
     del counters
@@ -290,29 +227,20 @@ def _write_criteo(
     log.info("Pass 2/2: mapping ids and writing %s", folder)
     id_counts = [np.zeros(n, dtype=np.int64) for n in cardinalities]
     writers = {split: SplitWriter(folder, split, ctr_arrow_schema(NUM_DENSE, NUM_SPARSE)) for split in SPLITS}
-    rows_written: dict[str, int] = {}
     try:
         quiet = BadRows(skip_bad_rows, quiet=True)
         for part in parts:
             for rows in read_criteo(part.path, quiet, block_bytes):
-                ids = np.stack([map_values(rows.values[f], vocabularies[f]) for f in range(NUM_SPARSE)])
-                codes = part.split_codes(rows.lines)
-                for code, split in enumerate(SPLITS):
-                    mask = codes == code
-                    if not mask.any():
-                        continue
-                    writers[split].write(ctr_table(rows.labels[mask], rows.dense[mask], ids[:, mask]))
-                    if split == "train":
-                        for f in range(NUM_SPARSE):
-                            id_counts[f] += np.bincount(ids[f, mask], minlength=cardinalities[f])
+                ids = np.stack(
+                    [
+                        map_values(rows.values[f], vocabularies[f], FIRST_VALUE_ID, rows.values[f] < 0, MISSING_ID)
+                        for f in range(NUM_SPARSE)
+                    ]
+                )
+                write_split_rows(writers, id_counts, part.split_codes(rows.lines), rows.labels, rows.dense, ids)
     finally:
-        for split, writer in writers.items():
-            rows_written[split] = writer.close()
-    if bad.count:
-        log.warning("Skipped %d malformed rows in total.", bad.count)
-    for split, n in rows_written.items():
-        if n == 0:
-            raise ValueError(f"The {split} split is empty: every one of its rows was malformed and skipped.")
+        rows_written = {split: writer.close() for split, writer in writers.items()}
+    check_splits(rows_written, bad)
     source: dict[str, object] = {
         "dataset": "criteo-kaggle" if layout == "kaggle" else "criteo-1tb",
         "script": "data_scripts.criteo",
@@ -357,12 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Criteo 1TB day files (any order: sorted by the day number in their names); the last day is halved "
         "into val/test",
     )
-    parser.add_argument(
-        "--min-count", type=int, default=3, help="values seen fewer times in train map to OOV id 0 (default 3)"
-    )
-    parser.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows instead of failing")
-    parser.add_argument("--block-mb", type=float, default=DEFAULT_BLOCK_BYTES / 2**20, help="text read per block")
-    add_output_arguments(parser)
+    add_stream_arguments(parser, min_count=3)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -371,10 +294,7 @@ def run(args: argparse.Namespace) -> None:
         [args.input] if args.input else args.days,
         args.output,
         layout="kaggle" if args.input else "days",
-        min_count=args.min_count,
-        skip_bad_rows=args.skip_bad_rows,
-        block_bytes=max(int(args.block_mb * 2**20), 1),
-        overwrite=args.overwrite,
+        **stream_options(args),
     )
 
 

@@ -89,7 +89,7 @@ def test_data_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> Non
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "usage: recsys-embed data" in out
-    for name in ("criteo", "frappe", "movielens"):
+    for name in ("criteo", "frappe", "movielens", "avazu", "kdd12"):
         assert name in out
     with pytest.raises(SystemExit) as done:
         cli_main(["data", "frappe", "--help"])

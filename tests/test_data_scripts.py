@@ -226,7 +226,7 @@ def test_criteo_day_files_with_gzip(tmp_path: Path) -> None:
 BAD_CRITEO_LINES = {
     "39 fields": ("\t".join(_criteo_line().rstrip("\n").split("\t")[1:]) + "\n", "has 39 fields"),
     "41 fields": (_criteo_line().rstrip("\n") + "\textra\n", "has 41 fields"),
-    "blank line": ("\n", "has 1 field separated"),
+    "blank line": ("\n", "label is '', expected 0 or 1"),  # a blank line reads as a row of empty fields
     "label": (_criteo_line(label="2"), "label is '2', expected 0 or 1"),
     "int": (_criteo_line(ints={4: "3.5"}), "I4 is '3.5', expected an integer"),
     "hex": (_criteo_line(cats={9: "xyz"}), "C9 is 'xyz', expected up to 8 hex digits"),
@@ -235,7 +235,8 @@ BAD_CRITEO_LINES = {
 
 
 @pytest.mark.parametrize("kind", list(BAD_CRITEO_LINES))
-@pytest.mark.parametrize("block_bytes", [1 << 20, 100])
+# 600 bytes: two or three lines a block, so the bad line sits at a block boundary or beside one
+@pytest.mark.parametrize("block_bytes", [1 << 20, 600])
 def test_criteo_malformed_rows_raise_with_line_number(tmp_path: Path, kind: str, block_bytes: int) -> None:
     lines = _tiny_criteo_lines()
     bad_line, message = BAD_CRITEO_LINES[kind]
@@ -254,7 +255,7 @@ def test_criteo_skip_bad_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     lines.insert(5, "1\t2\t3\n")  # a short line 6; the file now has 15 lines and the bad hex is on line 10
     source = _write(tmp_path / "train.txt", lines)
     with caplog.at_level(logging.WARNING, logger="data_scripts"):
-        schema = criteo.prepare_criteo([source], tmp_path / "out", min_count=1, skip_bad_rows=True, block_bytes=200)
+        schema = criteo.prepare_criteo([source], tmp_path / "out", min_count=1, skip_bad_rows=True, block_bytes=600)
     assert schema.source["skipped_rows"] == 3
     # 15 lines: days of 3, 2, 2, 2, 2, 2, 2 -> train lines 1-13 (3 skipped), val line 14, test line 15
     assert schema.rows == {"train": 10, "val": 1, "test": 1} and sum(schema.rows.values()) == 15 - 3
