@@ -175,14 +175,19 @@ class LowPrecisionMethod(EmbeddingMethod):
         names = self._feature_names
         ids = features.values().split(features.length_per_key())
         lengths = features.lengths().view(len(names), -1)
-        out = []
-        for j in range(len(names)):  # each feature's bags pool its ids' rows (embedding_bag over those rows)
-            i, bag_ids = self._table_index[j], ids[j].long()
-            rows = self.dequantised(i, bag_ids)
+        out: list[torch.Tensor] = []
+        first = 0
+        for i, table in enumerate(self._tables):  # a table's features read its rows once (one update per table)
+            count = len(table.feature_names)
+            table_ids = torch.cat([ids[j] for j in range(first, first + count)]).long()
+            rows = self.dequantised(i, table_ids)
             if updating:  # the rows' gradient updates the integer rows inside backward
                 rows.requires_grad_(True)
-                rows.register_hook(functools.partial(self._on_rows_gradient, i, bag_ids))
-            offsets = F.pad(lengths[j].cumsum(0), (1, 0))
-            occurrence = torch.arange(bag_ids.shape[0], device=bag_ids.device)
-            out.append(F.embedding_bag(occurrence, rows, offsets, mode="sum", include_last_offset=True))
+                rows.register_hook(functools.partial(self._on_rows_gradient, i, table_ids))
+            offsets = F.pad(lengths[first : first + count].reshape(-1).cumsum(0), (1, 0))
+            occurrence = torch.arange(table_ids.shape[0], device=table_ids.device)
+            pooled = F.embedding_bag(occurrence, rows, offsets, mode="sum", include_last_offset=True)
+            per_feature = pooled.view(count, -1, table.embedding_dim)  # the bags of each feature in turn
+            out.extend(per_feature[k] for k in range(count))
+            first += count
         return keyed(torch.cat(out, 1), names, self._length_per_key)
