@@ -21,7 +21,7 @@ def test_lsq_step_gradient_known_answers() -> None:
 @pytest.mark.parametrize("step_size", ["row", "table"])
 def test_step_sizes_change_in_training_and_only_for_rows_read(step_size: str) -> None:
     tables = make_tables()
-    emb = build_embedding("alpt", tables, bits=8, step_size=step_size, step_lr=1e-3)
+    emb = build_embedding("alpt", tables, bits=8, step_size=step_size, step_lr=0.1)
     start = emb.steps.t2.clone()
     kjt = random_kjt(tables, batch=16, seed=3, allow_empty=False)
     for _ in range(5):
@@ -37,7 +37,7 @@ def test_step_sizes_change_in_training_and_only_for_rows_read(step_size: str) ->
 def test_saturated_rows_grow_their_step_size() -> None:
     """A row pulled far beyond what its step can hold (``clip``) gets a larger step (the LSQ gradient's sign)."""
     tables = [EmbeddingBagConfig(name="t", num_embeddings=3, embedding_dim=4, feature_names=["f"])]
-    emb = build_embedding("alpt", tables, bits=8, clip=0.1, step_lr=1e-3)
+    emb = build_embedding("alpt", tables, bits=8, clip=0.1, step_lr=0.1)
     kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([0]), lengths=torch.tensor([1]), stride=1)
     start = emb.steps.t0.clone()
     for _ in range(50):

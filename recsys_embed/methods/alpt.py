@@ -9,7 +9,8 @@ al., ICLR'20) of the loss at ``Q(w; Δ) = clamp(round(w / Δ)) * Δ``, i.e. ``su
 are written back as ``stochastic_round(w / Δ_new)``. The paper evaluates the loss of step (2) in a second forward
 pass; here ``g`` (from the same backward) stands in for it, so a step costs one forward and backward, like every
 other method. Updates happen inside backward (:mod:`~recsys_embed.methods.low_precision`); ``Δ`` starts at
-``clip / 2^(b-1)`` and trains with Adagrad (``step_lr``). The paper's headline: 8-bit embeddings without loss of
+``clip / 2^(b-1)`` and trains with Adagrad at ``step_lr`` times that initial step (a relative rate, so 8 and 16 bits
+take the same option). The paper's headline: 8-bit embeddings without loss of
 accuracy against fp32.
 
 Memory: ``sum_t (n_t * d_t * bits / 8 + 4 * (n_t if step_size == "row" else 1))`` bytes: the integer rows and the
@@ -75,7 +76,7 @@ class ALPTEmbedding(LowPrecisionMethod):
         bits: int = 8,
         step_size: Literal["row", "table"] = "row",
         clip: float = 1.0,
-        step_lr: float = 1e-4,
+        step_lr: float = 0.01,
         rows_optimizer: Literal["sgd", "rowwise_adagrad"] = "rowwise_adagrad",
         rows_lr: float = 0.05,
         seed: int = 0,
@@ -92,6 +93,7 @@ class ALPTEmbedding(LowPrecisionMethod):
         self.bits, self.step_size, self.step_lr = bits, step_size, step_lr
         self.rows_optimizer, self.rows_lr = rows_optimizer, rows_lr
         initial = clip / 2 ** (bits - 1)
+        self.step_lr_absolute = step_lr * initial  # Adagrad's lr for the step sizes
         self._build_rows(bits, [initial] * len(self._tables), rows_optimizer, seed, device)
         self.steps = nn.Module()  # learnt step sizes: (n, 1) per row or (1, 1) per table, stored and served
         for i, t in enumerate(self._tables):
@@ -118,7 +120,7 @@ class ALPTEmbedding(LowPrecisionMethod):
         else:
             step_ids = torch.zeros(1, dtype=torch.long, device=ids.device)
             step_grad = per_entry.sum().view(1, 1) / math.sqrt(per_entry.numel() * int_range(self.bits)[1])
-        change = adagrad_step(step_grad, self.optimizer_state.get_buffer(f"step{i}"), step_ids, self.step_lr)
+        change = adagrad_step(step_grad, self.optimizer_state.get_buffer(f"step{i}"), step_ids, self.step_lr_absolute)
         steps[step_ids] = (steps[step_ids] - change).clamp_(min=MIN_STEP)
         rows[ids] = quantise(updated, self.step(i, ids), self.bits, stochastic=True)
 
