@@ -127,3 +127,17 @@ def test_16_bit_training_tracks_fbgemm_fused_rowwise_adagrad() -> None:
         gap = (after - quant(probe).values()).abs().max().item()
     assert gap < 10 * quant.fixed_step  # a few steps of 1/32768 per pooled value
     assert (after - before).abs().max().item() > 1000 * quant.fixed_step  # while training moved them far more
+
+
+def test_training_on_several_processes_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Method-owned integer rows are neither sharded nor synchronised: a multi-process fit would let ranks drift."""
+    import recsys_embed.methods.low_precision as low_precision
+
+    emb = build_embedding("quant", make_tables(), bits=8)
+    kjt = random_kjt(make_tables(), batch=4)
+    monkeypatch.setattr(low_precision.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(low_precision.dist, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="'quant' updates its integer rows in each process alone.*on one process"):
+        emb(kjt)
+    emb.eval()
+    assert emb(kjt).values().shape == (4, 24)  # serving on several processes is fine
