@@ -23,7 +23,7 @@ from recsys_embed.methods import (
 )
 from recsys_embed.methods.fused import fuse_tables
 from recsys_embed.methods.remap import RemapMethod
-from tests.conftest import budget_for, make_tables, method_options, random_kjt
+from tests.conftest import UPDATED_IN_BACKWARD, budget_for, make_tables, method_options, random_kjt
 
 
 def build(name: str, seed: int = 0) -> EmbeddingMethod:
@@ -50,14 +50,6 @@ def test_output_matches_a_full_ebc_layout(name: str) -> None:
     assert got.keys() == expected.keys()
     assert got.length_per_key() == expected.length_per_key()
     assert got.values().shape == expected.values().shape
-
-
-#: methods whose integer rows are updated inside backward by the method (as fused tables are by fbgemm): no
-#: parameter gets a gradient, so the gradient tests check that backward changed the stored rows and left them finite
-UPDATED_IN_BACKWARD = {
-    "quant": "integer rows, updated with stochastic rounding inside backward",
-    "alpt": "integer rows and step sizes, updated inside backward",
-}
 
 
 def assert_backward_updates_finite_state(emb: EmbeddingMethod, loss: torch.Tensor) -> None:
