@@ -8,7 +8,9 @@ method at the same batch:
 * plain: the same method with per-table ``nn.EmbeddingBag(sparse=True)`` and ``torch.optim.Adagrad`` (the way
   research code such as DLRM's ``QREmbeddingBag`` is written).
 
-A step is forward + a linear head + BCE loss + backward + optimizer step. Prints a markdown table of medians::
+A step is forward + a linear head + BCE loss + backward + optimizer step. Methods that cannot reach ``--ratio``
+(``quant``, ``alpt``) run at their largest ratio (``RATIO_CEILING``); a last row times TorchRec's int8 serving form of
+the full tables (inference only), the reference for ``quant``'s int8 rows. Prints a markdown table of medians::
 
     python benchmarks/method_speed.py [--ratio 10] [--batch-size 4096] [--steps 10] [--methods full hash qr]
 """
@@ -22,7 +24,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagConfig
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from recsys_embed.data import CTRSchema, ParquetBatches, SyntheticConfig, load_id_counts, synthetic_dataset
 from recsys_embed.data.batches import Batch
@@ -32,6 +35,7 @@ from recsys_embed.methods import (
     available_methods,
     build_embedding,
     dense_parameters,
+    full_bytes,
     fuse_tables,
     method_class,
 )
@@ -76,10 +80,29 @@ def median_ms(fn: Callable[[Batch], object], batches: list[Batch], steps: int) -
     return statistics.median(times)
 
 
+#: methods whose largest ratio is below the usual ``--ratio``: measured at most at this ratio (the ratio column says)
+RATIO_CEILING = {"quant": 4.0, "alpt": 3.0}
+
+
 def build(name: str, tables: list[EmbeddingBagConfig], ratio: float, counts: dict) -> nn.Module:
     options = {"id_counts": counts} if method_class(name).needs_id_counts else {}
     torch.manual_seed(0)
-    return build_embedding(name, tables, budget=Budget(ratio=1 if name == "full" else ratio), **options)
+    ratio = 1 if name == "full" else min(ratio, RATIO_CEILING.get(name, ratio))
+    return build_embedding(name, tables, budget=Budget(ratio=ratio), **options)
+
+
+def torchrec_int8_reference(tables: list[EmbeddingBagConfig]) -> tuple[nn.Module, float]:
+    """TorchRec's int8 serving form of the full tables (``QuantEmbeddingBagCollection``: int8 rows with an fp16
+    scale and bias each, padded; inference only) and its ratio: the reference for ``quant``'s served int8 rows."""
+    qconfig = torch.ao.quantization.QConfig(
+        activation=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.float),
+        weight=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.qint8),
+    )
+    ebc = EmbeddingBagCollection(tables=tables)
+    ebc.qconfig = qconfig
+    quantised = QuantEmbeddingBagCollection.from_float(ebc)
+    stored = sum(t.numel() * t.element_size() for t in quantised.state_dict().values())
+    return quantised, full_bytes(tables) / stored
 
 
 def main() -> None:
@@ -90,6 +113,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--methods", nargs="*", default=available_methods())
     parser.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch baselines")
+    parser.add_argument("--no-int8-reference", action="store_true", help="skip TorchRec's int8 serving row")
     args = parser.parse_args()
 
     folder = synthetic_dataset(SyntheticConfig())
@@ -121,6 +145,11 @@ def main() -> None:
             infer_ms = median_ms(lambda b, module=serving: module(b.sparse_features), batches, args.steps)
         rows.append((name, serving.compression_ratio(), fused_ms, plain_ms, infer_ms))
         print(f"  measured {name}", flush=True)
+    if not args.no_int8_reference:
+        reference, ratio = torchrec_int8_reference(tables)
+        with torch.no_grad():
+            infer_ms = median_ms(lambda b: reference(b.sparse_features), batches, args.steps)
+        rows.append(("full, TorchRec int8 (inference only)", ratio, None, None, infer_ms))
     full_ms = rows[0][2]
     print(
         f"\nbatch {args.batch_size}, {len(tables)} tables, dim {args.dim}, budget ratio {args.ratio:g}, "
@@ -132,10 +161,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, ratio, fused_ms, plain_ms, infer_ms in rows:
         plain = f"{plain_ms:.1f} | {plain_ms / fused_ms:.1f}x" if plain_ms else "- | -"
-        print(
-            f"| {name} | {ratio:.1f} | {fused_ms:.1f} | {fused_ms / full_ms:.2f}x | {plain} | "
-            f"{lookups / infer_ms / 1e3:.1f} |"
-        )
+        fused = f"{fused_ms:.1f} | {fused_ms / full_ms:.2f}x" if fused_ms else "- | -"
+        print(f"| {name} | {ratio:.1f} | {fused} | {plain} | {lookups / infer_ms / 1e3:.1f} |")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,14 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 #: the ratio each method is built at on the small test tables (mde cannot go below dim 4 on dim-8 tables; dhe's
-#: 1024 hashes alone take a third of these tables' bytes)
-TEST_RATIO = {"full": 1.0, "mde": 1.5, "dhe": 1.5}
+#: 1024 hashes alone take a third of these tables' bytes; alpt's 8-bit rows with a step per row reach 2.67x at dim 8)
+TEST_RATIO = {"full": 1.0, "mde": 1.5, "dhe": 1.5, "alpt": 2.5}
+#: methods whose integer rows are updated inside backward by the method (as fused tables are by fbgemm): no
+#: parameter of theirs gets a gradient, so gradient tests check that backward changed the stored rows instead
+UPDATED_IN_BACKWARD = {
+    "quant": "integer rows, updated with stochastic rounding inside backward",
+    "alpt": "integer rows and step sizes, updated inside backward",
+}
 # options a method needs on tables of a few dozen ids (1024 DHE hashes' parameters outweigh such tables)
 SMALL_TABLE_OPTIONS: dict[str, dict[str, object]] = {"dhe": {"num_hashes": 64}}
 

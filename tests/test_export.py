@@ -108,6 +108,8 @@ VARIANTS = {
     "unified-mixed-dims": ("unified", MIXED, {"rows": 100}, True),
     "multi_hash-3": ("multi_hash", MIXED, {"rows": 20, "num_hashes": 3}, False),
     "qr_path-mixed-dims": ("qr_path", MIXED, {"collisions": 4}, True),
+    "quant-shared-table": ("quant", MIXED, {"bits": 16}, False),
+    "alpt-table-steps": ("alpt", MIXED, {"bits": 8, "step_size": "table"}, True),
     "adapt-mixed": (
         "adapt",
         MIXED,

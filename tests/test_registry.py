@@ -11,6 +11,7 @@ import pytest
 from torchrec import EmbeddingBagConfig
 
 from recsys_embed.methods import Budget, EmbeddingMethod, available_methods, build_embedding, method_class
+from recsys_embed.methods.low_precision import LowPrecisionMethod
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.remap import RemapMethod
 from tests.conftest import budget_for, make_tables, method_options
@@ -25,7 +26,7 @@ def _all_subclasses(cls: type) -> set[type]:
 
 def test_every_method_class_is_registered() -> None:
     registered = {method_class(n) for n in available_methods()}
-    bases = {RemapMethod}  # abstract bases of the library's methods, not methods themselves
+    bases = {RemapMethod, LowPrecisionMethod}  # abstract bases of the library's methods, not methods themselves
     library = {c for c in _all_subclasses(EmbeddingMethod) if c.__module__.startswith("recsys_embed.")} - bases
     assert library <= registered
     assert {"full", "hash"} <= set(available_methods())

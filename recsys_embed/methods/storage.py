@@ -22,8 +22,10 @@ from typing import Literal
 from torchrec import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.modules.embedding_configs import DataType
 
-Precision = Literal["fp32", "fp16"]
-PRECISION_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2}
+Precision = Literal["fp32", "fp16", "int8", "int16"]
+PRECISION_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "int8": 1, "int16": 2}
+#: integer rows: method-owned only (fbgemm's training kernels have no integer weights)
+INTEGER_PRECISIONS = ("int8", "int16")
 PRECISION_DATA_TYPE: dict[str, DataType] = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 
@@ -52,7 +54,8 @@ class TableOptions:
     """How the training layer treats one declared group of tables.
 
     Args:
-        precision: the stored weights' precision (``fp16`` halves the bytes; fbgemm updates in fp32 and rounds).
+        precision: the stored weights' precision (``fp16`` halves the bytes; fbgemm updates in fp32 and rounds;
+            ``int8``/``int16`` rows are method-owned, e.g. ``quant``).
         stochastic_rounding: round fp16 updates stochastically (fbgemm's option; unbiased in expectation).
         optimizer: a sparse optimizer for these tables instead of the run's ``sparse_optimizer``.
         method_owned: the method updates these rows itself (e.g. integer rows); they are neither fused nor sharded
@@ -67,6 +70,11 @@ class TableOptions:
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_BYTES:
             raise ValueError(f"Unknown table precision {self.precision!r}; choose one of {sorted(PRECISION_BYTES)}.")
+        if self.precision in INTEGER_PRECISIONS and not self.method_owned:
+            raise ValueError(
+                f"Table precision {self.precision!r} needs method_owned=True: fbgemm's training kernels hold fp32 or "
+                "fp16 rows only, so integer rows are updated by the method itself."
+            )
 
 
 @dataclass(frozen=True)
