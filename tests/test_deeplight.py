@@ -108,6 +108,19 @@ def test_adagrad_rows_step_as_torch_adagrad_and_keep_their_state_from_stage_to_s
     assert prune.adagrad_2.count_nonzero() > 0 and stored(prune.to_serving()) == prune.memory_bytes()
 
 
+def test_adagrad_rows_on_several_processes_are_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from recsys_embed.methods import deeplight
+
+    tables = make_tables()
+    kjt = random_kjt(tables, batch=4)
+    monkeypatch.setattr(deeplight.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(deeplight.dist, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="keeps its rows' Adagrad state in each process.*rows_optimizer"):
+        DeepLight(tables)(kjt)
+    assert DeepLight(tables, rows_optimizer="sgd")(kjt).values().shape == (4, 24)  # averaged by the wrapper
+    assert DeepLight(tables).eval()(kjt).values().shape == (4, 24)  # serving is fine
+
+
 def test_a_budget_gives_the_target_with_index_overhead_and_each_stage_serves_its_outputs() -> None:
     tables = make_tables((7, 50, 3000), dim=8)
     for ratio in (3, 20):

@@ -44,6 +44,7 @@ from functools import partial
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
@@ -186,6 +187,12 @@ class DeepLight(EmbeddingMethod):
         ids = features.values().split(features.length_per_key())
         lengths = features.lengths().view(len(names), -1)
         masks = [self.mask(i) for i in range(len(self._tables))] if self.training else self.target_masks()
+        if self.training and self.rows_optimizer == "adagrad" and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                "Method 'deeplight' keeps its rows' Adagrad state in each process (its rows are method-owned, not "
+                "sharded), so ranks would drift apart: train it on one process, or set rows_optimizer to 'sgd' or "
+                "'adam' (the data-parallel wrapper averages their gradients)."
+            )
         out = []
         for j in range(len(names)):
             i, bag_ids = self._table_index[j], ids[j]
