@@ -125,6 +125,8 @@ DENSE_COMPRESSION = {
     "tt_rec": "its compressed tables are TT cores, trained by the dense optimizer",
     "dhe": "its large tables are MLP decoders, trained by the dense optimizer",
     "deeplight": "its tables are plain masked tensors (the mask is re-applied after each step), not fused",
+    "dpq": "its outputs are codebook centroids, trained by the dense optimizer (the fused queries only pick them)",
+    "mgqe": "its outputs are codebook centroids, trained by the dense optimizer (the fused queries only pick them)",
 }
 
 
@@ -274,6 +276,8 @@ CANNOT_HOLD_HUGE = {
     "optembed": "its supernet holds every row",
     "pep": "trains every row of a table and a mask of each entry",
     "deeplight": "its dense warm-up trains every entry",
+    "dpq": "trains a query row per id",
+    "mgqe": "trains a query row per id and needs per-id counts",
 }
 
 
