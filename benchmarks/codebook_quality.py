@@ -59,8 +59,8 @@ def main() -> None:
                     reached = task.embedding.compression_ratio()
                     rows.append((f"{method} (reseed_every {every})", reached, ratio, auc, f"{mean_usage:.3f}"))
                 nbytes = task.embedding.memory_bytes()
-                auc, task = fit(Path(tmp) / f"hash-{method}-{ratio}", "hash", f"--model.embedding.budget.bytes={nbytes}",
-                                data=data)  # fmt: skip
+                budget = f"--model.embedding.budget.bytes={nbytes}"
+                auc, task = fit(Path(tmp) / f"hash-{method}-{ratio}", "hash", budget, data=data)
                 rows.append((f"hash (bytes of {method})", task.embedding.compression_ratio(), ratio, auc, "-"))
     print("| method | ratio reached | asked | test AUC | centroid usage |\n|---|---:|---:|---:|---:|")
     for name, reached, asked, auc, usage in rows:

@@ -102,7 +102,8 @@ def test_budget_solver_takes_the_most_code_bits_that_fit() -> None:
 def test_budget_below_the_ceiling_is_one_clear_error() -> None:
     tables = make_tables()
     fewest = build_embedding("dpq", tables, num_parts=1, num_centroids=2).memory_bytes()
-    with pytest.raises(ValueError, match=rf"'dpq' cannot fit .*are {fewest} \(ratio .*ceiling.*at least {fewest} bytes"):
+    message = rf"'dpq' cannot fit .*are {fewest} \(ratio .*ceiling.*at least {fewest} bytes"
+    with pytest.raises(ValueError, match=message):
         build_embedding("dpq", tables, budget=Budget(bytes=fewest - 1))
     assert build_embedding("dpq", tables, budget=Budget(bytes=fewest)).memory_bytes() == fewest
     assert full_bytes(tables) / fewest > 4

@@ -26,6 +26,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 #: the widest code a packed buffer holds (a code then spans at most 3 bytes)
 MAX_CODE_BITS = 16
@@ -130,14 +131,32 @@ def centroid_usage(codes: torch.Tensor, num_centroids: int) -> torch.Tensor:
     return counts.view(parts, num_centroids)
 
 
-def reseed_dead(codebook: torch.Tensor, usage: torch.Tensor, queries: torch.Tensor, generator: torch.Generator) -> int:
+def codebook_from_rows(rows: torch.Tensor, parts: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``(D, K, p)``: ``K`` rows of ``rows`` ``(n, D * p)`` as centroids, every row first when ``K >= n`` (then random
+    repeats), so each centroid starts where queries are."""
+    n = rows.shape[0]
+    ids = torch.randperm(n, generator=generator)[:k]
+    ids = torch.cat([ids, torch.randint(0, n, (k - ids.numel(),), generator=generator)]).to(rows.device)
+    return rows.detach()[ids].float().view(k, parts, -1).transpose(0, 1)
+
+
+def reseed_dead(
+    codebook: torch.Tensor, usage: torch.Tensor, queries: torch.Tensor | None, generator: torch.Generator
+) -> int:
     """Move every centroid that ``usage`` ``(D, K)`` says no row chose onto a random recent query part (``queries``
     ``(N, D, p)``), the usual remedy for codebook collapse (dead codes restarted from the data, e.g. Dhariwal et al.,
-    arXiv 2005.00341). Returns the number of centroids moved."""
+    arXiv 2005.00341). Returns the number of centroids moved. With several processes the usage is summed over the
+    ranks first and every rank then takes rank 0's codebook, so replicas stay equal."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        dist.all_reduce(usage)
     dead = (usage == 0).nonzero(as_tuple=True)
-    if dead[0].numel() == 0 or queries.shape[0] == 0:
-        return 0
-    pick = torch.randint(0, queries.shape[0], (dead[0].numel(),), generator=generator).to(queries.device)
-    with torch.no_grad():
-        codebook[dead] = queries[pick, dead[0]].to(codebook.dtype)
-    return int(dead[0].numel())
+    moved = 0
+    if dead[0].numel() and queries is not None and queries.shape[0]:
+        pick = torch.randint(0, queries.shape[0], (dead[0].numel(),), generator=generator).to(queries.device)
+        with torch.no_grad():
+            codebook[dead] = queries[pick, dead[0]].to(codebook.dtype)
+        moved = int(dead[0].numel())
+    if distributed:
+        dist.broadcast(codebook, src=0)
+    return moved

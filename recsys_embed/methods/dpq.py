@@ -1,19 +1,16 @@
 """``dpq``: differentiable product quantisation: each id's embedding is ``D`` codes into per-table codebooks.
 
-Idea (Chen et al., ICML'20: Chen, Li and Sun, "Differentiable Product Quantization for End-to-End Embedding Compression", the
-"vq" variant): every id keeps a query row (trained; a TorchRec ``EmbeddingCollection``, fused and sharded like a
-table), split into ``D = num_parts`` parts; each part is replaced by the nearest of the ``K = num_centroids``
-centroids of that part's codebook (one ``(D, K, d / D)`` codebook per table, shared by its ids). The output is the
-centroids with the query's gradient (straight-through), and the codebooks get the gradient of the paper's centroid
-term ``mean((c - sg(q))^2)``, which moves each centroid to the queries it codes; that gradient is applied in the
+Idea (Chen et al., ICML'20, "Differentiable Product Quantization for End-to-End Embedding Compression", the "vq"
+variant): every id keeps a query row (a TorchRec ``EmbeddingCollection``: fused and sharded like a table), split into
+``D = num_parts`` parts; each part becomes the nearest of the ``K = num_centroids`` centroids of its codebook (one
+``(D, K, d / D)`` codebook per table, shared by its ids). The output is the centroids with the query's gradient
+(straight-through), and the codebooks get the gradient of the paper's centroid term ``mean((c - sg(q))^2)`` in the
 lookup's backward (:class:`~recsys_embed.methods.codebooks.StraightThroughQuantize`), so any training loop trains
-the codebooks (with the dense optimizer) without an extra loss term. Codebooks start as ``K``
-rows of the table's queries; every ``reseed_every`` training steps the centroids no id of those steps chose are
-moved onto random queries of the last batch (dead centroids: :func:`~recsys_embed.methods.codebooks.reseed_dead`).
-Unlike the paper, no batch norm on the distances: a served embedding must not depend on the rest of the batch.
-
-Served form (``served=True``, :meth:`to_serving`): the codes of every id packed at ``b = ceil(log2 K)`` bits
-(:func:`~recsys_embed.methods.codebooks.pack_codes`) and the codebooks; the queries are training-only state.
+them (the dense optimizer) with no extra loss term. Codebooks start as ``K`` query rows of their table; every
+``reseed_every`` steps the centroids no id chose since the last time (dead: codebook collapse) move onto random
+queries of the last batch. Unlike the paper, no batch norm on the distances (a served row must not depend on the
+batch). Served form (``served=True``, :meth:`to_serving`): every id's codes packed at ``b = ceil(log2 K)`` bits and
+the codebooks; the queries are training-only state.
 
 Memory: ``sum_{t coded} (ceil(n_t D b / 8) + K d_t 4) + sum_{t kept} n_t d_t 4`` bytes (served); a table whose rows
 take no more bytes than its codes and codebook keeps its rows (``keep_small_tables``). The budget solver picks the
@@ -34,7 +31,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor, KeyedTensor
@@ -79,15 +75,14 @@ class DPQEmbedding(EmbeddingMethod):
                 f"{parts}), 2 <= centroids <= {1 << pq.MAX_CODE_BITS} (got {centroids}) and reseed_every >= 0 "
                 f"(got {reseed_every})."
             )
-        for t in self._tables:
-            if not served and t.num_embeddings * t.embedding_dim >= 2**31:
-                raise ValueError(
-                    f"Method {self.name!r}: table {t.name!r} has {t.num_embeddings} ids; training keeps a query row "
-                    "per id (fewer than 2^31 values per table): use a hashing method for this table."
-                )
-        self.num_parts, self.num_centroids, self.served, self.reseed_every, self.seed = (
-            *(parts, centroids, served, reseed_every, seed),
-        )
+        huge = [t for t in self._tables if not served and t.num_embeddings * t.embedding_dim >= 2**31]
+        if huge:
+            raise ValueError(
+                f"Method {self.name!r}: table {huge[0].name!r} has {huge[0].num_embeddings} ids; training keeps a "
+                "query row per id (fewer than 2^31 values per table): use a hashing method for this table."
+            )
+        self.num_parts, self.num_centroids, self.served, self.reseed_every = parts, centroids, served, reseed_every
+        self.seed, self._num_rows = seed, {t.name: t.num_embeddings for t in self._tables}
         #: the knobs the memory formula reads (resolved here: the recorded options are set after __init__)
         self.knobs = {**self._resolved_options(), "keep_small_tables": keep}
         dev = torch.device(device or "cpu")
@@ -103,7 +98,7 @@ class DPQEmbedding(EmbeddingMethod):
         self._groups: dict[int, list[EmbeddingBagConfig]] = {}
         for t in coded:
             self._groups.setdefault(t.embedding_dim, []).append(t)
-            shape = (parts, self.centroids_of(t), t.embedding_dim // parts)
+            shape = (parts, centroids, t.embedding_dim // parts)
             self.codebooks[t.name] = nn.Parameter(torch.zeros(shape, device=dev))
             self.add_table_state(t, served, dev)
         if served:
@@ -112,19 +107,15 @@ class DPQEmbedding(EmbeddingMethod):
             configs = [EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=d,
                                        feature_names=list(t.feature_names)) for t in group]  # fmt: skip
             self.add_tables(f"queries_d{d}", configs, pooled=False, device=dev)
-        for t in coded:
-            usage = torch.zeros(self.codebooks[t.name].shape[:2], dtype=torch.int64, device=dev)
-            self.register_buffer(f"usage_{t.name}", usage)  # training only: centroid choices since the last reseed
+        for t in coded:  # training only: how often each centroid was chosen since the last re-seed
+            self.register_buffer(f"usage_{t.name}", torch.zeros(parts, centroids, dtype=torch.int64, device=dev))
         if dev.type != "meta":
             self.init_codebooks()
 
     def _resolved_options(self) -> dict[str, Any]:
         return {"num_parts": self.num_parts, "num_centroids": self.num_centroids}
 
-    # ---- per-table hooks (mgqe overrides these) ---------------------------------------------------------------------
-    def centroids_of(self, table: EmbeddingBagConfig) -> int:
-        return self.num_centroids
-
+    # ---- per-table hooks (mgqe overrides these) ------------------------------------------------------------------
     def add_table_state(self, table: EmbeddingBagConfig, served: bool, device: torch.device) -> None:
         """The state of one coded table besides its codebook: the served form's packed codes."""
         if not served:
@@ -173,12 +164,9 @@ class DPQEmbedding(EmbeddingMethod):
         """Each codebook := ``K`` query rows of its table (every row first when ``K >= n``, then random repeats)."""
         with torch.no_grad():
             for i, name in enumerate(self.coded_tables):
-                weight, codebook = self.queries(name), self.codebooks[name]
-                n, (parts, k, width) = weight.shape[0], codebook.shape
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-                ids = torch.randperm(n, generator=g)[:k]
-                ids = torch.cat([ids, torch.randint(0, n, (k - ids.numel(),), generator=g)]).to(weight.device)
-                codebook.copy_(weight[ids].float().view(k, parts, width).transpose(0, 1))
+                rows = self.queries(name)
+                self.codebooks[name].copy_(pq.codebook_from_rows(rows, self.num_parts, self.num_centroids, g))
 
     def all_codes(self, name: str) -> torch.Tensor:
         """``(n, D)``: the code of every id of table ``name`` (nearest centroids of its queries)."""
@@ -191,19 +179,21 @@ class DPQEmbedding(EmbeddingMethod):
         """Per coded table, the share of its centroids that some id's code uses (the served codes)."""
         usage = {}
         for name in self.coded_tables:
-            codes = self.all_codes(name) if not self.served else self.served_codes(name, torch.arange(self._rows(name)))
+            every = torch.arange(self._num_rows[name], device=self.device)
+            codes = self.served_codes(name, every) if self.served else self.all_codes(name)
             usage[name] = float((pq.centroid_usage(codes, self.codebooks[name].shape[1]) > 0).float().mean())
         return usage
-
-    def _rows(self, name: str) -> int:
-        return next(t.num_embeddings for t in self._tables if t.name == name)
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def lookup(self, features: KeyedJaggedTensor) -> KeyedTensor:
         batch, names = features.stride(), self._feature_names
         ids = features.values().split(features.length_per_key())
         lengths = features.lengths().view(len(names), -1)
-        rows = self._served_rows(ids) if self.served else self._trained_rows(ids, lengths, batch)
+        if self.served:
+            coded = [(j, self._table_of[f]) for j, f in enumerate(names) if self._table_of[f] in self.coded_tables]
+            rows = {j: pq.centroid_rows(self.codebooks[t], self.served_codes(t, ids[j])) for j, t in coded}
+        else:
+            rows = self._trained_rows(ids, lengths, batch)
         kept = None
         if self.tables is not None:
             every = len(self._kept_features) == len(names)
@@ -218,15 +208,6 @@ class DPQEmbedding(EmbeddingMethod):
                 out.append(kept[:, column : column + dim])  # type: ignore[index]
                 column += dim
         return keyed(torch.cat(out, 1), names, self._length_per_key)
-
-    def _served_rows(self, ids: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
-        rows = {}
-        for j, f in enumerate(self._feature_names):
-            name = self._table_of[f]
-            if name in self.coded_tables:
-                codes = self.served_codes(name, ids[j])
-                rows[j] = pq.centroid_rows(self.codebooks[name], codes)
-        return rows
 
     def _trained_rows(self, ids: Sequence[torch.Tensor], lengths: torch.Tensor, batch: int) -> dict[int, torch.Tensor]:
         rows, names = {}, self._feature_names
@@ -255,14 +236,8 @@ class DPQEmbedding(EmbeddingMethod):
             return
         moved = 0
         for name in self.coded_tables:
-            usage = getattr(self, f"usage_{name}")
-            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            if distributed:
-                dist.all_reduce(usage)
-            if name in self._recent:
-                moved += pq.reseed_dead(self.codebooks[name].data, usage, self._recent[name], self._generator)
-            if distributed:  # every rank keeps rank 0's codebook
-                dist.broadcast(self.codebooks[name].data, src=0)
+            usage, recent = getattr(self, f"usage_{name}"), self._recent.get(name)
+            moved += pq.reseed_dead(self.codebooks[name].data, usage, recent, self._generator)
             usage.zero_()
         log.debug("%s: step %d re-seeded %d dead centroids", self.name, step, moved)
 

@@ -1,11 +1,11 @@
 """``mgqe``: multi-granular quantised embeddings: DPQ where frequent ids get more centroids than rare ones.
 
-Idea (Kang et al., WWW'20 companion: Kang, Cheng, Yao, Hong, Chi and Wang, "Learning Multi-granular Quantized Embeddings for
-Large-Vocab Categorical Features in Recommender Systems"): as ``dpq`` (per-id queries, ``D`` parts, nearest
-centroid, straight-through, the centroid term's gradient for the codebooks), but the ``hot_share`` most frequent
-ids of a table (from the data's id counts) choose among all ``K_h = high_centroids`` centroids of each part and the
-others among the first ``K_l = low_centroids`` of the same codebook, so rare ids cost fewer bits. Defaults are the
-VLDB'24 benchmark's (Zhang et al., arXiv 2311.15578): 256 centroids for the top 10%, 64 for the rest, 4 parts.
+Idea (Kang et al., WWW'20 companion, "Learning Multi-granular Quantized Embeddings for Large-Vocab Categorical
+Features in Recommender Systems"): as ``dpq`` (per-id queries, ``D`` parts, nearest centroid, straight-through, the
+centroid term's gradient for the codebooks), but the ``hot_share`` most frequent ids of a table (from the data's id
+counts) choose among all ``K_h = high_centroids`` centroids of each part and the others among the first
+``K_l = low_centroids`` of the same codebook, so rare ids cost fewer bits. Defaults are the VLDB'24 benchmark's
+(Zhang et al., arXiv 2311.15578): 256 centroids for the top 10%, 64 for the rest, 4 parts.
 
 Served form: hot ids' codes packed at ``b_h = ceil(log2 K_h)`` bits, the others' at ``b_l``, the sorted hot ids
 (an id's codes are found by one ``searchsorted``: hot ids at their rank, the rest at ``id - #hot ids below it``),
@@ -146,7 +146,7 @@ class MGQEEmbedding(DPQEmbedding):
         }
 
     def served_codes(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        h, n, parts = self._hot[name], self._rows(name), self.num_parts
+        h, n, parts = self._hot[name], self._num_rows[name], self.num_parts
         position, is_hot = self.hot_positions(name, ids)
         high, low = pq.code_bits(self.high_centroids), pq.code_bits(self.low_centroids)
         if h == 0 or h == n:  # one group only
