@@ -66,7 +66,9 @@ class DPQEmbedding(EmbeddingMethod):
         super().__init__(tables, validate_ids=validate_ids)
         self._setup(num_parts, num_centroids, served, reseed_every, keep_small_tables, seed, device)
 
-    def _setup(self, parts: int, centroids: int, served: bool, reseed_every: int, keep: bool, seed: int, device: Any):
+    def _setup(
+        self, parts: int, centroids: int, served: bool, reseed_every: int, keep: bool, seed: int, device: Any
+    ) -> None:
         """Everything but the option list (shared with ``mgqe``)."""
         dims = math.gcd(*[t.embedding_dim for t in self._tables])
         if parts < 1 or dims % parts or not 2 <= centroids <= 1 << pq.MAX_CODE_BITS or reseed_every < 0:
@@ -219,7 +221,10 @@ class DPQEmbedding(EmbeddingMethod):
             for f, j in zip(keys, idx):
                 name, q = self._table_of[f], looked_up[f].values().float()
                 parts = q.view(q.shape[0], self.num_parts, d // self.num_parts)
-                codes = pq.nearest_centroids(parts, self.codebooks[name], self.allowed_centroids(name, ids[j]))
+                unique, inverse = torch.unique(ids[j], return_inverse=True)  # search each distinct id once
+                first = torch.zeros_like(unique).scatter_(0, inverse, torch.arange(inverse.numel(), device=q.device))
+                allowed = self.allowed_centroids(name, unique)
+                codes = pq.nearest_centroids(parts[first], self.codebooks[name], allowed)[inverse]
                 if not self.training:
                     rows[j] = pq.centroid_rows(self.codebooks[name], codes)
                     continue
