@@ -35,8 +35,12 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 #: the ratio each method is built at on the small test tables (mde cannot go below dim 4 on dim-8 tables; dhe's
 #: 1024 hashes alone take a third of these tables' bytes)
 TEST_RATIO = {"full": 1.0, "mde": 1.5, "dhe": 1.5}
-# options a method needs on tables of a few dozen ids (1024 DHE hashes' parameters outweigh such tables)
-SMALL_TABLE_OPTIONS: dict[str, dict[str, object]] = {"dhe": {"num_hashes": 64}}
+# options a method needs on tables of a few dozen ids (1024 DHE hashes' parameters outweigh such tables, and so does
+# an MGQE codebook of 256 centroids: its ceiling there is 1.5x)
+SMALL_TABLE_OPTIONS: dict[str, dict[str, object]] = {
+    "dhe": {"num_hashes": 64},
+    "mgqe": {"high_centroids": 16, "low_centroids": 4},
+}
 
 
 def budget_for(name: str, default: float = 4.0) -> Budget:
