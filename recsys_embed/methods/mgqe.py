@@ -174,8 +174,9 @@ class MGQEEmbedding(DPQEmbedding):
         fitting = [p for p, size in sizes.items() if size <= allowed]
         if not fitting:
             ceiling = full / sizes[1]
-            benchmark = f"; the benchmark's {BENCHMARK_PARTS} parts reach {full / sizes[BENCHMARK_PARTS]:.1f}x" if (
-                BENCHMARK_PARTS in sizes) else ""  # fmt: skip
+            benchmark = ""
+            if BENCHMARK_PARTS in sizes:
+                benchmark = f"; the benchmark's {BENCHMARK_PARTS} parts reach {full / sizes[BENCHMARK_PARTS]:.1f}x"
             raise ValueError(
                 f"Method 'mgqe' cannot fit {allowed} bytes (ratio {full / allowed:.1f}): its ratio ceiling on these "
                 f"tables is {ceiling:.1f}x ({sizes[1]} bytes: one part, {base['high_centroids']}/"
