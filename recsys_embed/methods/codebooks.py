@@ -18,6 +18,7 @@ Example::
     packed = pack_codes(codes, bits=8)                               # uint8, code_bytes(n, D, 8) bytes
     codes_of_ids = unpack_codes(packed, ids, parts=D, bits=8)        # (len(ids), D)
     rows = centroid_rows(codebook, codes_of_ids)                     # (len(ids), d)
+    trained = StraightThroughQuantize.apply(queries, codebook, codes)  # training: the queries' gradient
 """
 
 from __future__ import annotations
