@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 #: the widest code a packed buffer holds (a code then spans at most 3 bytes)
 MAX_CODE_BITS = 16
@@ -93,6 +94,30 @@ class StraightThroughQuantize(torch.autograd.Function):
         flat = (codes + torch.arange(parts, device=codes.device) * k).reshape(-1)
         grad_codebook = pull.new_zeros(parts * k, width).index_add_(0, flat, pull.reshape(-1, width))
         return grad, grad_codebook.view(parts, k, width), None
+
+
+def distinct(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ids``' distinct values, each id's index among them, and one position of each distinct value in ``ids``."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.zeros_like(unique).scatter_(0, inverse, torch.arange(inverse.numel(), device=ids.device))
+    return unique, inverse, first
+
+
+def pooled(
+    rows: dict[int, torch.Tensor], kept: torch.Tensor | None, lengths: torch.Tensor, dims: list[int]
+) -> torch.Tensor:
+    """``(B, sum(dims))``: feature ``j``'s bags summed from its per-occurrence ``rows[j]`` (``lengths[j]`` ids per
+    bag), or, for the features not in ``rows``, their columns of ``kept`` (pooled full tables), in order."""
+    out, column = [], 0
+    for j, dim in enumerate(dims):
+        if j in rows:
+            offsets = F.pad(lengths[j].cumsum(0), (1, 0))
+            occurrence = torch.arange(rows[j].shape[0], device=rows[j].device)
+            out.append(F.embedding_bag(occurrence, rows[j], offsets, mode="sum", include_last_offset=True))
+        else:
+            out.append(kept[:, column : column + dim])  # type: ignore[index]
+            column += dim
+    return torch.cat(out, 1)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

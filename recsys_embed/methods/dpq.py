@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor, KeyedTensor
 
@@ -200,16 +199,7 @@ class DPQEmbedding(EmbeddingMethod):
         if self.tables is not None:
             every = len(self._kept_features) == len(names)
             kept = self.tables(features if every else features.permute(self._kept_features)).values()
-        out, column = [], 0
-        for j, dim in enumerate(self._length_per_key):
-            if j in rows:
-                offsets = F.pad(lengths[j].cumsum(0), (1, 0))
-                occurrence = torch.arange(rows[j].shape[0], device=rows[j].device)
-                out.append(F.embedding_bag(occurrence, rows[j], offsets, mode="sum", include_last_offset=True))
-            else:
-                out.append(kept[:, column : column + dim])  # type: ignore[index]
-                column += dim
-        return keyed(torch.cat(out, 1), names, self._length_per_key)
+        return keyed(pq.pooled(rows, kept, lengths, self._length_per_key), names, self._length_per_key)
 
     def _trained_rows(self, ids: Sequence[torch.Tensor], lengths: torch.Tensor, batch: int) -> dict[int, torch.Tensor]:
         rows, names = {}, self._feature_names
@@ -221,8 +211,7 @@ class DPQEmbedding(EmbeddingMethod):
             for f, j in zip(keys, idx):
                 name, q = self._table_of[f], looked_up[f].values().float()
                 parts = q.view(q.shape[0], self.num_parts, d // self.num_parts)
-                unique, inverse = torch.unique(ids[j], return_inverse=True)  # search each distinct id once
-                first = torch.zeros_like(unique).scatter_(0, inverse, torch.arange(inverse.numel(), device=q.device))
+                unique, inverse, first = pq.distinct(ids[j])  # search each distinct id once
                 allowed = self.allowed_centroids(name, unique)
                 codes = pq.nearest_centroids(parts[first], self.codebooks[name], allowed)[inverse]
                 if not self.training:
