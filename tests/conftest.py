@@ -41,8 +41,12 @@ UPDATED_IN_BACKWARD = {
     "quant": "integer rows, updated with stochastic rounding inside backward",
     "alpt": "integer rows and step sizes, updated inside backward",
 }
-# options a method needs on tables of a few dozen ids (1024 DHE hashes' parameters outweigh such tables)
-SMALL_TABLE_OPTIONS: dict[str, dict[str, object]] = {"dhe": {"num_hashes": 64}}
+# options a method needs on tables of a few dozen ids (1024 DHE hashes' parameters outweigh such tables, and so does
+# an MGQE codebook of 256 centroids: its ceiling there is 1.5x)
+SMALL_TABLE_OPTIONS: dict[str, dict[str, object]] = {
+    "dhe": {"num_hashes": 64},
+    "mgqe": {"high_centroids": 16, "low_centroids": 4},
+}
 
 
 def budget_for(name: str, default: float = 4.0) -> Budget:

@@ -138,6 +138,8 @@ DENSE_COMPRESSION = {
     "tt_rec": "its compressed tables are TT cores, trained by the dense optimizer",
     "dhe": "its large tables are MLP decoders, trained by the dense optimizer",
     "deeplight": "its tables are plain masked tensors (the mask is re-applied after each step), not fused",
+    "dpq": "its outputs are codebook centroids, trained by the dense optimizer (the fused queries only pick them)",
+    "mgqe": "its outputs are codebook centroids, trained by the dense optimizer (the fused queries only pick them)",
 }
 
 
@@ -296,6 +298,8 @@ CANNOT_HOLD_HUGE = {
     "deeplight": "its dense warm-up trains every entry",
     "quant": "stores every row (at 8 or 16 bits: ratio 4 at most)",
     "alpt": "stores every row (at 8 or 16 bits, with step sizes)",
+    "dpq": "trains a query row per id",
+    "mgqe": "trains a query row per id and needs per-id counts",
 }
 
 
