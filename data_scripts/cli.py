@@ -13,12 +13,12 @@ import logging
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from data_scripts import criteo, frappe, movielens
+from data_scripts import criteo, frappe, graph, movielens
 from data_scripts._common import setup_logging
 
 log = logging.getLogger(__name__)
 
-COMMANDS: dict[str, ModuleType] = {"criteo": criteo, "frappe": frappe, "movielens": movielens}
+COMMANDS: dict[str, ModuleType] = {"criteo": criteo, "frappe": frappe, "movielens": movielens, "graph": graph}
 """Subcommand name -> script module (each has ``SUMMARY``, ``EXAMPLES``, ``add_arguments`` and ``run``)."""
 
 
