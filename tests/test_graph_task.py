@@ -132,6 +132,10 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path: Path, sp
         torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
     first_state = first.state_dict()
     assert any(not torch.equal(first_state[k], v) for k, v in resumed.state_dict().items())
+    loaded = GraphTask.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")  # rebuilt from the saved settings
+    assert loaded.state_dict().keys() == first_state.keys()
+    for key, value in first_state.items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
 
 
 def test_fit_validate_and_test_log_ranking_metrics(tmp_path: Path) -> None:

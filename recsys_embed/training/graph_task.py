@@ -19,6 +19,8 @@ Example::
     data = GraphDataModule("data/ml100k_graph")
     task = GraphTask(data.num_users, data.num_items, embedding=EmbeddingSpec("hash", Budget(ratio=10)))
     Trainer(max_epochs=50, inference_mode=False).fit(task, datamodule=data)
+    task = GraphTask.load_from_checkpoint(path, model=NGCF)  # the model factory is not saved: pass it (default
+    # LightGCN); the method is rebuilt from the saved embedding spec (its budget solve is deterministic)
 """
 
 from __future__ import annotations
