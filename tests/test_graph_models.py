@@ -119,3 +119,11 @@ def test_fused_all_rows_path_trains_the_storage(method: str) -> None:
         assert changed, "fused rows were not updated by backward"
     else:  # tt_rec keeps dense cores: their gradients reach the parameters
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in emb.parameters())
+
+
+def test_graph_models_are_not_offered_as_ctr_sweep_models() -> None:
+    from recsys_embed.benchmark.spec import ModelEntry, available_models
+
+    assert available_models() == ["DCN", "DCNv2", "DLRM", "DeepFM", "WideDeep"]
+    with pytest.raises(ValueError, match="unknown model 'LightGCN'"):
+        ModelEntry.parse("LightGCN")
