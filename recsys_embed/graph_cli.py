@@ -49,12 +49,12 @@ def task_kind(argv: list[str]) -> str:
     return kind
 
 
-def add_task_argument(parser: LightningArgumentParser) -> None:
+def add_task_argument(parser: LightningArgumentParser, default: str = "ctr") -> None:
     """``--task ctr|graph``: which task a run trains (read before parsing, by :func:`task_kind`)."""
     parser.add_argument(
         TASK_OPTION,
         type=TaskKind,
-        default="ctr",
+        default=default,
         help="ctr (CTRTask + CTRDataModule) or graph (GraphTask + GraphDataModule; the experiments/graph "
         "configs set it).",
     )
@@ -67,7 +67,7 @@ class GraphCLI(RecsysCLI):
         parser.link_arguments("data.num_users", "model.num_users", apply_on="instantiate")
         parser.link_arguments("data.num_items", "model.num_items", apply_on="instantiate")
         parser.link_arguments("data.id_counts", "model.id_counts", apply_on="instantiate")
-        add_task_argument(parser)
+        add_task_argument(parser, default="graph")
         parser.add_argument("--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint.")
 
     def fit(self, model: Any, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
