@@ -159,3 +159,19 @@ def test_task_errors_are_clear(tmp_path: Path) -> None:
     task = GraphTask(data.num_users + 1, data.num_items, embedding_dim=8)
     with pytest.raises(ValueError, match="The data has 60 users and 80 items, the task 61 and 80"):
         trainer(tmp_path, 1).fit(task, datamodule=data)
+
+
+def test_one_shared_node_table_takes_the_concatenated_degrees() -> None:
+    graph = random_graph()
+    task = GraphTask(
+        USERS,
+        ITEMS,
+        embedding_dim=8,
+        embedding=EmbeddingSpec("adapt", Budget(ratio=4)),
+        shared_table=True,
+        id_counts=degrees(graph),
+    )
+    assert [t.name for t in task.embedding.embedding_bag_configs()] == ["node"]
+    task.net.set_graph(graph.normalized_adjacency())
+    users, positives, negatives = graph.bpr_triples(seed=0)
+    assert torch.isfinite(task.bpr_loss(BPRBatch(users[:64], positives[:64], negatives[:64]))["loss"])
