@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from data_scripts import avazu, criteo, frappe, kdd12, movielens
+from data_scripts import avazu, criteo, frappe, graph, kdd12, movielens
 from data_scripts._common import setup_logging
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ COMMANDS: dict[str, ModuleType] = {
     "movielens": movielens,
     "avazu": avazu,
     "kdd12": kdd12,
+    "graph": graph,
 }
 """Subcommand name -> script module (each has ``SUMMARY``, ``EXAMPLES``, ``add_arguments`` and ``run``)."""
 

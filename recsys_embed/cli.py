@@ -1,4 +1,5 @@
-"""``recsys-embed``: LightningCLI subcommands ``fit``/``validate``/``test`` over ``CTRTask`` + ``CTRDataModule``,
+"""``recsys-embed``: LightningCLI subcommands ``fit``/``validate``/``test`` over ``CTRTask`` + ``CTRDataModule``
+(or ``GraphTask`` + ``GraphDataModule`` for a YAML with ``task: graph``, see :mod:`recsys_embed.graph_cli`),
 and ``recsys-embed bench`` (the method x budget sweep, see :mod:`recsys_embed.benchmark.cli`).
 
 Sizes that come from the data (cardinalities, number of dense features) are linked from the data module to the
@@ -55,9 +56,9 @@ from recsys_embed.console import (
     quiet_library_noise,
     user_error_message,
 )
-from recsys_embed.data import CTRDataModule
+from recsys_embed.data import CTRDataModule, GraphDataModule
 from recsys_embed.methods import Stage, available_methods
-from recsys_embed.training import CTRTask
+from recsys_embed.training import CTRTask, GraphTask
 from recsys_embed.training.predictions import PredictionBatches, PredictionWriter
 from recsys_embed.training.run_folder import share_run_folder
 from recsys_embed.training.stages import StagedRun, fingerprint, run_stages
@@ -157,6 +158,9 @@ class RecsysCLI(LightningCLI):
             self._on_ready()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from recsys_embed.graph_cli import add_task_argument
+
+        add_task_argument(parser)
         parser.link_arguments("data.cardinalities", "model.cardinalities", apply_on="instantiate")
         parser.link_arguments("data.num_dense", "model.num_dense", apply_on="instantiate")
         parser.link_arguments("data.data_dir", "model.id_counts_dir", compute_fn=str, apply_on="instantiate")
@@ -276,7 +280,7 @@ SUBCOMMANDS = {
 OTHER_COMMANDS = {
     "bench": "Run the method x memory budget benchmark sweep, then write its report and Pareto plot.",
     "methods": "Show every compression method with its options, memory formula and reachable ratios.",
-    "data": "Turn a downloaded public dataset (criteo, frappe, movielens) into a dataset folder.",
+    "data": "Turn a downloaded public dataset (criteo, frappe, movielens; graph) into a dataset folder.",
 }
 #: help of the embedding spec's options in fit/validate/test/predict --help ({methods}: the registered names)
 EMBEDDING_HELP = {
@@ -334,9 +338,12 @@ def _run(argv: list[str], held: HeldLogs) -> int | None:
             "usage": SUBCOMMAND_USAGE,  # the full one lists every option again (~90 lines)
             "description": description,
         }
-    RecsysCLI(
-        CTRTask,
-        CTRDataModule,
+    from recsys_embed.graph_cli import GraphCLI, task_kind
+
+    graph = task_kind(argv) == "graph"  # a YAML with `task: graph`, or --task graph (see recsys_embed.graph_cli)
+    (GraphCLI if graph else RecsysCLI)(
+        GraphTask if graph else CTRTask,
+        GraphDataModule if graph else CTRDataModule,
         args=argv,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"inference_mode": False},

@@ -1,4 +1,4 @@
-"""Data: parquet/synthetic CTR data -> ``KeyedJaggedTensor`` batches.
+"""Data: parquet/synthetic CTR data -> ``KeyedJaggedTensor`` batches; interaction graphs -> BPR batches.
 
 The names are imported lazily: ``recsys_embed.data.schema`` (numpy and pyarrow only) is what the data scripts read,
 and importing it must not load torch and Lightning (the batches and the data module do).
@@ -13,6 +13,8 @@ _MODULES = {
     "Batch": "batches",
     "ParquetBatches": "batches",
     "CTRDataModule": "datamodule",
+    "GraphDataModule": "graph_datamodule",
+    "InteractionGraph": "graph",
     "CTRSchema": "schema",
     "load_id_counts": "schema",
     "SyntheticConfig": "synthetic",
