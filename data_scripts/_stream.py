@@ -1,7 +1,8 @@
 """Stream a large delimited text file through pyarrow's CSV streaming reader, with each row's physical line number.
 
-``pyarrow.csv.open_csv`` parses the file block by block (``block_bytes`` of text each, its column conversion multi-
-threaded) into binary columns; rows with the wrong number of fields go to its ``invalid_row_handler``, which records
+``pyarrow.csv.open_csv`` parses the file block by block (``block_bytes`` of text each) into binary columns, on one
+thread: pyarrow knows a malformed row's line number only when it parses serially (with threads ``row.number`` is
+None, and the error would lose its line); the numeric work after it is vectorized numpy. Rows with the wrong number of fields go to its ``invalid_row_handler``, which records
 their line numbers and lets the reader skip them. A kept row's line number follows from how many rows were skipped
 before it (one ``searchsorted`` per block), so error messages and line-position splits stay exact while memory stays
 at about 40 blocks (:data:`STREAM_BLOCK_BYTES`), whatever the file size. Plain and compressed (``.gz``, ``.bz2``,
@@ -110,7 +111,7 @@ def stream_delimited(
     path = Path(path)
     skipped = _Skipped()
     read = pacsv.ReadOptions(
-        column_names=list(names), skip_rows=header_lines, block_size=max(int(block_bytes), 1), use_threads=True
+        column_names=list(names), skip_rows=header_lines, block_size=max(int(block_bytes), 1), use_threads=False
     )
     parse = pacsv.ParseOptions(
         delimiter=delimiter,

@@ -71,10 +71,10 @@ def test_the_schedule_prunes_every_ten_steps_to_the_formula_and_masked_entries_s
     assert shares[0] > shares[2]  # the small table's larger entries (TorchRec's init scales with 1/sqrt(rows)) stay
 
 
-def test_adagrad_rows_get_sparse_gradients_of_the_batch_rows_only() -> None:
+def test_sparse_grad_gives_gradients_of_the_batch_rows_only() -> None:
     tables = make_tables((7, 50, 3000), dim=8)
-    emb = DeepLight(tables, rows_optimizer="sgd")  # sparse gradients
-    dense = DeepLight(tables, rows_optimizer="adam")
+    emb = DeepLight(tables, rows_optimizer="sgd", sparse_grad=True)
+    dense = DeepLight(tables, rows_optimizer="sgd")  # the default: dense gradients, for any optimizer
     kjt = random_kjt(tables, batch=16, seed=3, allow_empty=False)
     for form in (emb, dense):
         form(kjt).values().pow(2).sum().backward()
@@ -85,9 +85,10 @@ def test_adagrad_rows_get_sparse_gradients_of_the_batch_rows_only() -> None:
     assert set(grad.coalesce().indices()[0].tolist()) == set(read.tolist())
 
 
-def test_adagrad_rows_step_as_torch_adagrad_and_keep_their_state_from_stage_to_stage() -> None:
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_adagrad_rows_step_as_torch_adagrad_and_keep_their_state_from_stage_to_stage(sparse_grad: bool) -> None:
     tables = make_tables((7, 50, 3000), dim=8)
-    emb = DeepLight(tables, target_sparsity=0.5)  # rows_optimizer adagrad, lr 0.05
+    emb = DeepLight(tables, target_sparsity=0.5, sparse_grad=sparse_grad)  # rows_optimizer adagrad, lr 0.05
     reference = [torch.nn.Parameter(w.detach().clone()) for w in emb.weights]
     (group,) = emb.stage_parameter_groups()
     ours, theirs = group_optimizer(group, "deeplight"), torch.optim.Adagrad(reference, lr=0.05, eps=1e-10)
@@ -118,6 +119,8 @@ def test_adagrad_rows_on_several_processes_are_a_clear_error(monkeypatch: pytest
     with pytest.raises(ValueError, match="keeps its rows' Adagrad state in each process.*rows_optimizer"):
         DeepLight(tables)(kjt)
     assert DeepLight(tables, rows_optimizer="sgd")(kjt).values().shape == (4, 24)  # averaged by the wrapper
+    with pytest.raises(ValueError, match="sparse_grad=True needs rows_optimizer in"):
+        DeepLight(tables, rows_optimizer="adam", sparse_grad=True)
     assert DeepLight(tables).eval()(kjt).values().shape == (4, 24)  # serving is fine
 
 

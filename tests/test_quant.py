@@ -11,6 +11,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from recsys_embed.methods import Budget, SparseOptimizer, build_embedding
 from recsys_embed.methods.fused import fuse_tables
 from recsys_embed.methods.low_precision import dequantise, int_range, quantise, stochastic_round
+from recsys_embed.methods.row_pruning import initial_rows
 from recsys_embed.methods.storage import TableOptions
 from tests.conftest import make_tables, random_kjt
 
@@ -141,3 +142,18 @@ def test_training_on_several_processes_is_one_clear_error(monkeypatch: pytest.Mo
         emb(kjt)
     emb.eval()
     assert emb(kjt).values().shape == (4, 24)  # serving on several processes is fine
+
+
+@pytest.mark.parametrize("name", ["quant", "alpt"])
+def test_a_large_table_does_not_start_at_zero(name: str) -> None:
+    """A 100k-row table's initial values (|w| <= 1/sqrt(n) = 0.0032) are below half an 8-bit step (1/256): rounded
+    to nearest they would all be 0, and a dot-product model could never move them. Rounded stochastically they
+    keep the initial magnitude on average."""
+    table = [EmbeddingBagConfig(name="t0", num_embeddings=100_000, embedding_dim=8, feature_names=["f0"])]
+    emb = build_embedding(name, table, bits=8)
+    rows = emb.table_rows(0)
+    assert 0.2 < float((rows != 0).float().mean()) < 0.6
+    initial = initial_rows(table[0], 0, 0)
+    step = emb.step(0, torch.arange(100_000))
+    assert float(dequantise(rows, step).abs().mean()) == pytest.approx(float(initial.abs().mean()), rel=0.02)
+    assert torch.equal(build_embedding(name, table, bits=8).table_rows(0), rows)  # seeded: the same rows again

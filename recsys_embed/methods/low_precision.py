@@ -63,15 +63,23 @@ def check_low_precision(method: str, bits: int, clip: float, rows_optimizer: str
         )
 
 
-def stochastic_round(x: torch.Tensor) -> torch.Tensor:
+def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``floor(x + u)``, ``u ~ U[0, 1)``: rounds up with probability ``x - floor(x)``, so ``E[result] = x``."""
-    return torch.floor(x + torch.rand(x.shape, device=x.device, dtype=x.dtype))
+    return torch.floor(x + torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator))
 
 
-def quantise(w: torch.Tensor, step: torch.Tensor | float, bits: int, *, stochastic: bool) -> torch.Tensor:
-    """``w / step`` rounded (stochastically or to nearest) and clamped to ``bits``-bit integers."""
+def quantise(
+    w: torch.Tensor,
+    step: torch.Tensor | float,
+    bits: int,
+    *,
+    stochastic: bool,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``w / step`` rounded (stochastically, from ``generator`` if given, or to nearest) and clamped to ``bits``-bit
+    integers."""
     scaled = w / step
-    rounded = stochastic_round(scaled) if stochastic else torch.round(scaled)
+    rounded = stochastic_round(scaled, generator) if stochastic else torch.round(scaled)
     low, high = int_range(bits)
     return rounded.clamp_(low, high).to(INT_DTYPES[bits])
 
@@ -113,13 +121,17 @@ class LowPrecisionMethod(EmbeddingMethod):
         seed: int,
         device: str | torch.device | None,
     ) -> None:
-        """Integer rows of TorchRec's initial values (seeded), rounded to nearest with ``steps[i]``."""
+        """Integer rows of TorchRec's initial values (seeded), rounded stochastically with ``steps[i]`` (seeded too):
+        the values of a large table, ``±1/sqrt(n)``, are mostly below half a step, and rounding them to nearest would
+        start every row at zero (8 bits, ``clip`` 1: every table over 65,536 rows), where a dot-product model (MF,
+        LightGCN) has no gradient to leave."""
         dev, tables = torch.device(device or "cpu"), self._tables
         self.rows, self.optimizer_state = nn.Module(), nn.Module()
         for i, t in enumerate(tables):
             q = torch.zeros(t.num_embeddings, t.embedding_dim, dtype=INT_DTYPES[bits], device=dev)
             if dev.type != "meta":
-                q.copy_(quantise(initial_rows(t, seed, i), steps[i], bits, stochastic=False))
+                g = torch.Generator().manual_seed(seed * 1_000_003 + i + 7919)
+                q.copy_(quantise(initial_rows(t, seed, i), steps[i], bits, stochastic=True, generator=g))
             self.rows.register_buffer(f"t{i}", q)
             if rows_optimizer == "rowwise_adagrad":
                 self.optimizer_state.register_buffer(f"t{i}", torch.zeros(t.num_embeddings, device=dev))
