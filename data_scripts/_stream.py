@@ -2,11 +2,12 @@
 
 ``pyarrow.csv.open_csv`` parses the file block by block (``block_bytes`` of text each) into binary columns, on one
 thread: pyarrow knows a malformed row's line number only when it parses serially (with threads ``row.number`` is
-None, and the error would lose its line); the numeric work after it is vectorized numpy. Rows with the wrong number of fields go to its ``invalid_row_handler``, which records
-their line numbers and lets the reader skip them. A kept row's line number follows from how many rows were skipped
-before it (one ``searchsorted`` per block), so error messages and line-position splits stay exact while memory stays
-at about 40 blocks (:data:`STREAM_BLOCK_BYTES`), whatever the file size. Plain and compressed (``.gz``, ``.bz2``,
-``.zst``, ``.lz4``) files are read; a progress bar follows the bytes read from disk.
+None, and the error would lose its line); the numeric work after it is vectorized numpy. Rows with the wrong number
+of fields go to its ``invalid_row_handler``, which records their line numbers and lets the reader skip them. A kept
+row's line number follows from how many rows were skipped before it (one ``searchsorted`` per block), so error
+messages and line-position splits stay exact while memory stays at about 40 blocks (:data:`STREAM_BLOCK_BYTES`),
+whatever the file size. Plain and compressed (``.gz``, ``.bz2``, ``.zst``, ``.lz4``) files are read; a progress bar
+follows the bytes read from disk.
 
 Example::
 

@@ -280,7 +280,7 @@ SUBCOMMANDS = {
 OTHER_COMMANDS = {
     "bench": "Run the method x memory budget benchmark sweep, then write its report and Pareto plot.",
     "methods": "Show every compression method with its options, memory formula and reachable ratios.",
-    "data": "Turn a downloaded public dataset (criteo, frappe, movielens; graph) into a dataset folder.",
+    "data": "Turn a downloaded public dataset (criteo, avazu, kdd12, frappe, movielens; graph) into a dataset folder.",
 }
 #: help of the embedding spec's options in fit/validate/test/predict --help ({methods}: the registered names)
 EMBEDDING_HELP = {

@@ -162,3 +162,21 @@ def test_real_samples(tmp_path: Path, folder: str, users: int, items: int, train
     else:  # 55,375 ratings >= 4 in ML-100K, about 80% of them in train
         total = len(graph.pairs["train"][0]) + len(graph.pairs["test"][0])
         assert total == 55375 and 0.78 < len(graph.pairs["train"][0]) / total < 0.82
+
+
+def test_testing_with_a_validation_split_leaves_out_its_items_too(tmp_path: Path) -> None:
+    """A user's validation items are known at test time: ranked, they would take top-K slots as misses."""
+    pairs = {
+        "train": (np.array([0, 1]), np.array([0, 3])),
+        "val": (np.array([0]), np.array([1])),
+        "test": (np.array([0, 1]), np.array([2, 4])),
+    }
+    InteractionGraph(2, 5, pairs, source="hand-made").save(tmp_path)
+    data = GraphDataModule(str(tmp_path), eval_users=8)
+    data.setup()
+    (test,) = list(data.test_dataloader())
+    (val,) = list(data.val_dataloader())
+    excluded = {(int(r), int(i)) for r, i in test.exclude.T}
+    assert excluded == {(0, 0), (0, 1), (1, 3)}  # user 0's train and validation items
+    assert {(int(r), int(i)) for r, i in val.exclude.T} == {(0, 0)}  # validating: the train items only
+    assert {(int(r), int(i)) for r, i in test.targets.T} == {(0, 2), (1, 4)}

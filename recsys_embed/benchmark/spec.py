@@ -147,11 +147,8 @@ class ModelEntry:
 def available_models() -> list[str]:
     """CTR model classes a spec may name (they take ``(embedding, num_dense, *, options)``; the graph models of
     ``recsys_embed.models`` train in ``GraphTask``, not in sweep cells)."""
-    return sorted(
-        name
-        for name in model_zoo.__all__
-        if isinstance(getattr(model_zoo, name), type) and not issubclass(getattr(model_zoo, name), model_zoo.GraphModel)
-    )
+    classes = {name: getattr(model_zoo, name) for name in model_zoo.__all__}
+    return sorted(n for n, c in classes.items() if isinstance(c, type) and not issubclass(c, model_zoo.GraphModel))
 
 
 @dataclass(frozen=True)

@@ -100,11 +100,13 @@ class InteractionGraph:
         users, items = (torch.from_numpy(a) for a in self.pairs["train"])
         return normalized_bipartite_adjacency(users, items, self.num_users, self.num_items)
 
-    def positives(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """CSR of ``split``'s items per user: ``(indptr (U + 1,), items)``, items sorted within each user."""
-        if split not in self.pairs:
-            raise ValueError(f"The graph has no split {split!r}; it has {sorted(self.pairs)}.")
-        users, items = self.pairs[split]
+    def positives(self, *splits: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """CSR of the items per user of ``splits`` together: ``(indptr (U + 1,), items)``, sorted within each user."""
+        for split in splits:
+            if split not in self.pairs:
+                raise ValueError(f"The graph has no split {split!r}; it has {sorted(self.pairs)}.")
+        users = np.concatenate([self.pairs[split][0] for split in splits])
+        items = np.concatenate([self.pairs[split][1] for split in splits])
         order = np.lexsort((items, users))
         indptr = np.zeros(self.num_users + 1, dtype=np.int64)
         np.cumsum(np.bincount(users, minlength=self.num_users), out=indptr[1:])

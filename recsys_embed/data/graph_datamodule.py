@@ -79,10 +79,13 @@ class BPRTriples(IterableDataset):
 
 
 class RankingChunks(IterableDataset):
-    """The users with items in ``split``, in chunks of ``chunk_size``, with their train and held-out items."""
+    """The users with items in ``split``, in chunks of ``chunk_size``, with their held-out items and the items
+    ranking leaves out (``exclude``: the train split's, and the validation split's when testing)."""
 
-    def __init__(self, graph: InteractionGraph, split: str, chunk_size: int) -> None:
-        self.train = graph.positives("train")
+    def __init__(
+        self, graph: InteractionGraph, split: str, chunk_size: int, exclude: tuple[str, ...] = ("train",)
+    ) -> None:
+        self.train = graph.positives(*exclude)
         self.held_out = graph.positives(split)
         indptr = self.held_out[0]
         self.users = torch.nonzero(indptr[1:] > indptr[:-1]).flatten()
@@ -158,4 +161,5 @@ class GraphDataModule(pl.LightningDataModule):
         return DataLoader(RankingChunks(self.graph, split, self.eval_users), batch_size=None)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(RankingChunks(self.graph, "test", self.eval_users), batch_size=None)
+        seen = ("train", "val") if "val" in self.graph.pairs else ("train",)  # a user's known items are not ranked
+        return DataLoader(RankingChunks(self.graph, "test", self.eval_users, exclude=seen), batch_size=None)

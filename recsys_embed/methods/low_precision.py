@@ -16,8 +16,8 @@ Adagrad accumulators) lives in the child ``optimizer_state``, dropped by the ser
 
 fbgemm's training kernels (TBE) offer fp32/fp16 weights only (fp16 with stochastic rounding is
 ``TableOptions(precision="fp16")``); int8 exists only in its inference kernels, as TorchRec's
-``QuantEmbeddingBagCollection``, whose rows carry an fp16 scale and bias each (4 bytes per row: 3.2x, not 4x, at
-dim 16) and which has no int16: so these rows, their update and their served form are our own.
+``QuantEmbeddingBagCollection``, whose rows carry an fp16 scale and bias each and are padded (32 bytes a row on CPU
+at dim 16: 2x, not 4x) and which has no int16: so these rows, their update and their served form are our own.
 
 Example::
 
