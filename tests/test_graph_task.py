@@ -14,7 +14,7 @@ from recsys_embed.data import GraphDataModule, InteractionGraph
 from recsys_embed.data.graph_datamodule import BPRBatch
 from recsys_embed.methods import Budget, SparseOptimizer, available_methods
 from recsys_embed.methods.fused import FusedTables, fuse_tables
-from recsys_embed.models import NGCF, LightGCN
+from recsys_embed.models import MFBPR, NGCF, LightGCN
 from recsys_embed.training import EmbeddingSpec, GraphTask
 from tests.conftest import SMALL_TABLE_OPTIONS, UPDATED_IN_BACKWARD, budget_for
 
@@ -175,3 +175,19 @@ def test_one_shared_node_table_takes_the_concatenated_degrees() -> None:
     task.net.set_graph(graph.normalized_adjacency())
     users, positives, negatives = graph.bpr_triples(seed=0)
     assert torch.isfinite(task.bpr_loss(BPRBatch(users[:64], positives[:64], negatives[:64]))["loss"])
+
+
+def test_a_checkpoint_of_another_model_or_method_is_a_clear_error(tmp_path: Path) -> None:
+    """MF-BPR and LightGCN checkpoints hold the same keys: without the description one would load into the other."""
+    data = write_graph(tmp_path / "graph")
+    mf = make_task(data, model=MFBPR)
+    path = tmp_path / "mf.ckpt"
+    pl.Trainer(logger=False, max_epochs=0, enable_progress_bar=False).fit(mf, datamodule=data)
+    mf.trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match="written by model recsys_embed.models.mf_bpr.MFBPR.*config.yaml"):
+        GraphTask.load_from_checkpoint(path)  # rebuilds the default model, LightGCN
+    loaded = GraphTask.load_from_checkpoint(path, model=MFBPR)
+    assert isinstance(loaded.net, MFBPR)
+    with pytest.raises(ValueError, match="written by method"):
+        GraphTask(data.num_users, data.num_items, embedding_dim=8, embedding=EmbeddingSpec("hash", Budget(ratio=4)),
+                  model=MFBPR).on_load_checkpoint(torch.load(path, weights_only=False))  # fmt: skip

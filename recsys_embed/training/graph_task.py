@@ -47,15 +47,19 @@ from recsys_embed.methods import (
     method_class,
 )
 from recsys_embed.methods.fused import FusedTables
+from recsys_embed.methods.saving import describe
 from recsys_embed.models.graph_base import NODE, GraphModel, graph_tables
 from recsys_embed.models.lightgcn import LightGCN
 from recsys_embed.training import sharded_state
 from recsys_embed.training.ranking import ranking_metrics
 from recsys_embed.training.task_config import (
+    DESCRIPTION_FORMAT,
     EmbeddingSpec,
     as_sparse_optimizer,
     as_spec,
+    check_description,
     default_optimizer,
+    describe_model_factory,
     group_optimizer,
 )
 
@@ -106,6 +110,8 @@ class GraphTask(pl.LightningModule):
         self.tables = graph_tables(num_users, num_items, embedding_dim, shared=shared_table)
         method = self._build_method(embedding, id_counts)
         self.net = model(method, num_users, num_items)
+        self.model_factory = model
+        self.hparams["description"] = self.describe()  # what built the net: checked when a checkpoint loads
         # a stage with its own parameter groups (a search, a pruning stage) optimizes manually, as in CTRTask
         self.automatic_optimization = not method.stage_parameter_groups()
         self.optimizer_factory = optimizer
@@ -262,7 +268,23 @@ class GraphTask(pl.LightningModule):
         if fused:
             checkpoint["fused_optimizer_state"] = fused
 
+    def describe(self) -> dict[str, Any]:
+        """The graph model's class and options and the method's name, version, tables, config and stage."""
+        return {
+            "format": DESCRIPTION_FORMAT,
+            "model": describe_model_factory(self.model_factory),
+            "method": {**describe(self.embedding), "stage": self.embedding.stage},
+        }
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another model or method form is a clear error; then the fused optimizer state."""
+        check_description(
+            checkpoint.get("hyper_parameters", {}).get("description"),
+            self.describe,
+            self.tables,
+            reload_hint="test it with the config that trained it (its run folder's config.yaml), or "
+            "GraphTask.load_from_checkpoint(path, model=<its model class>)",
+        )
         saved = checkpoint.get("fused_optimizer_state")
         if saved and any(isinstance(m, FusedTables) for m in self.modules()):
             sharded_state.load_fused_optimizer_state(self, saved)

@@ -157,10 +157,15 @@ def group_optimizer(group: ParameterGroup, method: str) -> torch.optim.Optimizer
 
 
 def check_description(
-    saved: dict[str, Any] | None, describe: Callable[[], dict[str, Any]], tables: list[EmbeddingBagConfig]
+    saved: dict[str, Any] | None,
+    describe: Callable[[], dict[str, Any]],
+    tables: list[EmbeddingBagConfig],
+    reload_hint: str = "load it with CTRTask.load_from_checkpoint(path) (or recsys-embed test/validate --ckpt_path, "
+    "which rebuild the checkpoint's form)",
 ) -> None:
     """Raise a clear error if a checkpoint's ``saved`` description (its tables, method form, model class) is not
-    the one ``describe()`` gives for a task holding ``tables``; a checkpoint without one passes."""
+    the one ``describe()`` gives for a task holding ``tables`` (``reload_hint``: how to load it instead); a
+    checkpoint without one passes."""
     if saved is None:  # written before checkpoints described themselves
         return
     mine = describe()
@@ -170,12 +175,11 @@ def check_description(
     ours = {k: mine["method"][k] for k in keys}
     if normalized(theirs) != normalized(ours):
         raise ValueError(
-            f"The checkpoint was written by method {theirs}, this task holds {ours}: load it with "
-            "CTRTask.load_from_checkpoint(path) (or recsys-embed test/validate --ckpt_path, which rebuild the "
-            "checkpoint's form), or build the task with the same method settings."
+            f"The checkpoint was written by method {theirs}, this task holds {ours}: {reload_hint}, or build the "
+            "task with the same method settings."
         )
     if saved.get("model") and mine["model"] and saved["model"]["class"] != mine["model"]["class"]:
         raise ValueError(
             f"The checkpoint was written by model {saved['model']['class']}, this task holds "
-            f"{mine['model']['class']}: load it with CTRTask.load_from_checkpoint(path)."
+            f"{mine['model']['class']}: {reload_hint}, or build the task with the same model."
         )
