@@ -83,6 +83,8 @@ class GraphTask(pl.LightningModule):
         sparse_optimizer: fuse the row tables with this optimizer (``None``: the dense optimizer trains them).
         top_k: the cut-offs of Recall@K and NDCG@K; the first is shown in the progress bar.
         id_counts: per-feature id counts for frequency-aware methods (the CLI links the train degrees).
+        description: what built a saved task (LightningCLI passes a checkpoint's, with ``--ckpt_path``); the task is
+            built from its other arguments, and a checkpoint of another model or method form is an error on load.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class GraphTask(pl.LightningModule):
         sparse_optimizer: SparseOptimizer | None = None,
         top_k: list[int] = [20],  # noqa: B006 - jsonargparse reads the default
         id_counts: Mapping[str, np.ndarray] | None = None,
+        description: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "id_counts"])
