@@ -51,7 +51,7 @@ from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import Budget, EmbeddingMethod, ParameterGroup, Stage, check_tables
-from recsys_embed.methods.layouts import keyed
+from recsys_embed.methods.layouts import bag_sums, keyed
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.row_pruning import initial_rows
 from recsys_embed.methods.sparse_format import PackedSparseTables, largest_that_fit, packed_bytes
@@ -206,8 +206,7 @@ class DeepLight(EmbeddingMethod):
             i, bag_ids = self._table_index[j], ids[j]
             rows = F.embedding(bag_ids, self.weights[i], sparse=self.sparse_grad)
             rows = rows * masks[i][bag_ids]
-            owner = torch.arange(batch, device=rows.device).repeat_interleave(lengths[j], output_size=rows.shape[0])
-            out.append(rows.new_zeros((batch, rows.shape[1])).index_add(0, owner, rows))
+            out.append(bag_sums(rows, lengths[j], batch))
         return keyed(torch.cat(out, 1), names, self._length_per_key)
 
     # ---- memory and the served form --------------------------------------------------------------------------------

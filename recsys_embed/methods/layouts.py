@@ -229,6 +229,12 @@ def blocks_side_by_side(pooled: torch.Tensor, batch: int) -> torch.Tensor:
     return pooled.view(-1, batch, pooled.shape[1]).transpose(0, 1).reshape(batch, -1)
 
 
+def bag_sums(rows: torch.Tensor, lengths: torch.Tensor, batch: int) -> torch.Tensor:
+    """Sum pooling of one feature: ``rows`` (one per id, bags in order) summed per bag of ``lengths`` -> ``(B, d)``."""
+    owner = torch.arange(batch, device=rows.device).repeat_interleave(lengths, output_size=rows.shape[0])
+    return rows.new_zeros((batch, rows.shape[1])).index_add(0, owner, rows)
+
+
 def keyed(values: torch.Tensor, keys: list[str], dims: list[int]) -> KeyedTensor:
     """A ``KeyedTensor`` with the logical keys and dims over ``values`` of shape ``(B, sum(dims))``."""
     return KeyedTensor(keys=keys, length_per_key=dims, values=values)

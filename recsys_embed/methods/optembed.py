@@ -42,7 +42,7 @@ from torch import nn
 from torchrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import TBE_DIM_MULTIPLE, Budget, EmbeddingMethod, ParameterGroup, Stage, check_tables
-from recsys_embed.methods.layouts import keyed, make_kjt
+from recsys_embed.methods.layouts import bag_sums, keyed, make_kjt
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.row_pruning import (
     MarginRanking,
@@ -215,8 +215,7 @@ class OptEmbed(EmbeddingMethod):
                     v = v * factors[f].unsqueeze(1)
                 if dims is not None:
                     v = v * (torch.arange(d, device=v.device) < dims[i]).to(v.dtype)
-                owner = torch.arange(batch, device=v.device).repeat_interleave(lengths[j], output_size=v.shape[0])
-                pooled[f] = v.new_zeros((batch, d)).index_add(0, owner, v)
+                pooled[f] = bag_sums(v, lengths[j], batch)
         out = [
             nn.functional.pad(pooled[f], (0, full - self.table_dims[self._table_index[j]]))
             if f in pooled

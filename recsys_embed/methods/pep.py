@@ -45,7 +45,7 @@ from torch import nn
 from torchrec import EmbeddingBagConfig, EmbeddingConfig, KeyedJaggedTensor, KeyedTensor
 
 from recsys_embed.methods.base import Budget, EmbeddingMethod, ParameterGroup, Stage, check_tables
-from recsys_embed.methods.layouts import keyed, make_kjt
+from recsys_embed.methods.layouts import bag_sums, keyed, make_kjt
 from recsys_embed.methods.registry import register
 from recsys_embed.methods.row_pruning import initial_rows
 from recsys_embed.methods.sparse_format import PackedSparseTable, largest_that_fit, packed_bytes
@@ -189,10 +189,7 @@ class PEP(EmbeddingMethod):
             per_feature = [self.packed[self._table_index[j]].rows(ids[j]) for j in range(len(names))]
         else:
             per_feature = self._trained_rows(ids, lengths, batch)
-        out = []
-        for j, v in enumerate(per_feature):
-            owner = torch.arange(batch, device=v.device).repeat_interleave(lengths[j], output_size=v.shape[0])
-            out.append(v.new_zeros((batch, v.shape[1])).index_add(0, owner, v))
+        out = [bag_sums(v, lengths[j], batch) for j, v in enumerate(per_feature)]
         return keyed(torch.cat(out, 1), names, self._length_per_key)
 
     def _trained_rows(self, ids: Sequence[torch.Tensor], lengths: torch.Tensor, batch: int) -> list[torch.Tensor]:
